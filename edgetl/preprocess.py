@@ -1,0 +1,208 @@
+"""The one definition of image decoding and preprocessing (Pillow + NumPy only).
+
+The workstation (feature extraction, training, export calibration, verification) and the
+device runtime both call these functions, so the pixels a model sees cannot drift apart
+between the two sides. The preprocessing itself is data (:class:`Preprocessing`), written
+into every run folder and bundle manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+# A truncated file must be an error, never a silently grey-padded picture.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw RGB pixels in [0, 255] become a model's input.
+
+    ``out = pixel[..., channel_order] * scale + offset[channel]`` after a resize of the
+    whole image to ``size`` x ``size`` (no crop, aspect ratio not kept, bilinear with
+    Pillow's antialiasing), the same as Keras' ``image_dataset_from_directory``.
+    """
+
+    size: int
+    scale: float = 1.0 / 127.5
+    offset: tuple[float, float, float] = (-1.0, -1.0, -1.0)
+    channel_order: str = "RGB"
+    resize: str = "bilinear"
+    name: str = "mobilenet_v2"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["offset"] = list(self.offset)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        try:
+            return cls(
+                size=int(d["size"]),
+                scale=float(d["scale"]),
+                offset=tuple(float(v) for v in d["offset"]),  # type: ignore[arg-type]
+                channel_order=str(d.get("channel_order", "RGB")),
+                resize=str(d.get("resize", "bilinear")),
+                name=str(d.get("name", "custom")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"invalid preprocessing description {d!r}: {exc}") from exc
+
+    def describe(self) -> str:
+        return (
+            f"resize to {self.size}x{self.size} ({self.resize}), {self.channel_order}, "
+            f"x*{self.scale:.6g}+{list(self.offset)}"
+        )
+
+
+def mobilenet_v2(size: int) -> Preprocessing:
+    """MobileNetV2 scales pixels to [-1, 1]."""
+    return Preprocessing(size=size)
+
+
+def passthrough(size: int, name: str) -> Preprocessing:
+    """Backbones that rescale inside the model (MobileNetV3, EfficientNet) take [0, 255]."""
+    return Preprocessing(size=size, scale=1.0, offset=(0.0, 0.0, 0.0), name=name)
+
+
+def caffe(size: int, name: str) -> Preprocessing:
+    """VGG16 / ResNet50: BGR, ImageNet mean subtracted, no scaling."""
+    return Preprocessing(
+        size=size,
+        scale=1.0,
+        offset=(-103.939, -116.779, -123.68),
+        channel_order="BGR",
+        name=name,
+    )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited onto white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Decode image bytes into an upright 8-bit RGB Pillow image.
+
+    Honours EXIF orientation; takes the first frame of animations; converts greyscale,
+    palette, RGBA, CMYK and 16-bit images to RGB. Raises :class:`DataError` naming the
+    file and the reason when the bytes are not a complete image.
+    """
+    if not data:
+        raise DataError(f"{name}: the file is empty (0 bytes); expected an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except UnidentifiedImageError:
+        head = data[:8]
+        raise DataError(
+            f"{name}: not a recognised image (first bytes {head!r}); "
+            f"expected one of {', '.join(IMAGE_EXTENSIONS)}"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{name}: image too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DataError(f"{name}: cannot decode image ({exc})") from None
+
+
+def read_image_file(path: str | Path) -> tuple[Image.Image, str]:
+    """Read and decode one file; return the RGB image and the sha256 of its bytes.
+
+    The bytes are read once and serve both the decoder and the cache key.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{p}: is a folder; expected an image file") from None
+    except OSError as exc:
+        raise DataError(f"{p}: cannot read file ({exc})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    return decode_image(data, str(p)), digest
+
+
+def resize_rgb(img: Image.Image, size: int) -> np.ndarray:
+    """Resize an RGB image to size x size and return uint8 HxWx3."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """uint8 (..., H, W, 3) RGB pixels to the model's float32 input."""
+    x = pixels.astype(np.float32)
+    if spec.channel_order == "BGR":
+        x = x[..., ::-1]
+    elif spec.channel_order != "RGB":
+        raise DataError(f"channel_order must be 'RGB' or 'BGR'; received {spec.channel_order!r}")
+    return x * np.float32(spec.scale) + np.asarray(spec.offset, dtype=np.float32)
+
+
+def load_pixels(path: str | Path, size: int) -> tuple[np.ndarray, str]:
+    """One file to uint8 size x size x 3 pixels and the sha256 of its bytes."""
+    img, digest = read_image_file(path)
+    return resize_rgb(img, size), digest
+
+
+def load_batch(
+    paths: Sequence[str | Path], spec: Preprocessing
+) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Decode and preprocess many files, skipping the bad ones.
+
+    Returns the float32 batch of the good files, their sha256 digests, and
+    ``(path, reason)`` for each file that could not be used.
+    """
+    arrays: list[np.ndarray] = []
+    digests: list[str] = []
+    bad: list[tuple[str, str]] = []
+    for p in paths:
+        try:
+            px, digest = load_pixels(p, spec.size)
+        except DataError as exc:
+            bad.append((str(p), str(exc)))
+            continue
+        arrays.append(px)
+        digests.append(digest)
+    if arrays:
+        batch = normalize(np.stack(arrays), spec)
+    else:
+        batch = np.zeros((0, spec.size, spec.size, 3), np.float32)
+    return batch, digests, bad
+
+
+def iter_chunks(items: Sequence, n: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]

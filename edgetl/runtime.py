@@ -1,0 +1,236 @@
+"""Run a .tflite or .onnx file without TensorFlow: LiteRT (``ai_edge_litert``, or the old
+``tflite_runtime`` as a fallback) and ONNX Runtime behind one small interface.
+
+Callers hand over the float32 input of :mod:`edgetl.preprocess`; a quantized (int8/uint8)
+input is quantized here with the file's own scale and zero point, and a quantized output is
+dequantized, so every model file answers in the same float units.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MissingDependencyError, ModelError
+
+TFLITE_MAGIC = b"TFL3"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple  # with -1 / None for dynamic dimensions
+    dtype: str  # numpy dtype name
+    scale: float = 0.0
+    zero_point: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in ("int8", "uint8") and self.scale > 0
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "shape": [(-1 if v is None else int(v)) for v in self.shape], "dtype": self.dtype}
+        if self.quantized:
+            d["scale"] = float(self.scale)
+            d["zero_point"] = int(self.zero_point)
+        return d
+
+
+def quantize(x: np.ndarray, info: TensorInfo) -> np.ndarray:
+    if not info.quantized:
+        return x.astype(info.dtype, copy=False)
+    lim = np.iinfo(info.dtype)
+    q = np.round(x / np.float32(info.scale) + info.zero_point)
+    return np.clip(q, lim.min, lim.max).astype(info.dtype)
+
+
+def dequantize(y: np.ndarray, info: TensorInfo) -> np.ndarray:
+    if info.quantized:
+        return (y.astype(np.float32) - np.float32(info.zero_point)) * np.float32(info.scale)
+    return y.astype(np.float32, copy=False)
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1
+
+
+def detect_format(path: str | Path) -> str:
+    """'tflite' or 'onnx', from the file's first bytes (not only its name)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"model file {str(p)!r} does not exist")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head[4:8] == TFLITE_MAGIC:
+        return "tflite"
+    if p.suffix.lower() == ".onnx" or (head[:1] == b"\x08"):
+        return "onnx"
+    raise ModelError(
+        f"{str(p)!r} is neither a TFLite flatbuffer (no 'TFL3' identifier; first bytes {head!r}) "
+        f"nor an ONNX file; expected a .tflite or .onnx model"
+    )
+
+
+def _litert_interpreter_class(backend: str | None):
+    order = ["litert", "tflite_runtime"] if backend in (None, "litert", "auto") else [backend]
+    errors = []
+    for name in order:
+        try:
+            if name == "litert":
+                from ai_edge_litert.interpreter import Interpreter
+            elif name == "tflite_runtime":
+                from tflite_runtime.interpreter import Interpreter  # type: ignore
+            else:
+                raise ModelError(f"unknown TFLite backend {name!r}; expected 'litert' or 'tflite_runtime'")
+            return name, Interpreter
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+    raise MissingDependencyError(
+        "no TFLite runtime is installed (" + "; ".join(errors) + "); install it with: pip install 'edgetl[device]' "
+        "(ai-edge-litert)"
+    )
+
+
+class ModelRunner:
+    """One loaded model file. ``run(x)`` takes a float32 batch, returns a float32 batch."""
+
+    format: str
+    backend: str
+    input: TensorInfo
+    output: TensorInfo
+    path: Path
+
+    def run(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run_raw(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def input_size(self) -> int | None:
+        shape = self.input.shape
+        if len(shape) == 4 and shape[1] not in (None, -1):
+            return int(shape[1])
+        return None
+
+
+class TFLiteRunner(ModelRunner):
+    format = "tflite"
+
+    def __init__(self, path: str | Path, threads: int | None = None, backend: str | None = None):
+        self.path = Path(path)
+        self.backend, Interpreter = _litert_interpreter_class(backend)
+        try:
+            self.interp = Interpreter(model_path=str(self.path), num_threads=threads or default_threads())
+            self.interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"LiteRT cannot load {str(self.path)!r}: {exc}") from None
+        ins = self.interp.get_input_details()
+        outs = self.interp.get_output_details()
+        if len(ins) != 1 or len(outs) != 1:
+            raise ModelError(
+                f"{str(self.path)!r} has {len(ins)} inputs and {len(outs)} outputs; expected one of each "
+                "(use the signature API for multi-signature files)"
+            )
+        self._in, self._out = ins[0], outs[0]
+        self.input = self._info(self._in)
+        self.output = self._info(self._out)
+        self._batch = int(self._in["shape"][0])
+
+    @staticmethod
+    def _info(d) -> TensorInfo:
+        scale, zp = d.get("quantization", (0.0, 0))
+        sig = d.get("shape_signature", d["shape"])
+        return TensorInfo(d["name"], tuple(int(v) for v in sig), np.dtype(d["dtype"]).name, float(scale), int(zp))
+
+    def _ensure_batch(self, n: int) -> bool:
+        if n == self._batch:
+            return True
+        if self.input.shape[0] != -1:
+            return False
+        shape = list(self._in["shape"])
+        shape[0] = n
+        self.interp.resize_tensor_input(self._in["index"], shape)
+        self.interp.allocate_tensors()
+        self._batch = n
+        return True
+
+    def run_raw(self, x: np.ndarray) -> np.ndarray:
+        if not self._ensure_batch(len(x)):
+            return np.concatenate([self.run_raw(x[i : i + 1]) for i in range(len(x))])
+        self.interp.set_tensor(self._in["index"], np.ascontiguousarray(x))
+        self.interp.invoke()
+        return self.interp.get_tensor(self._out["index"]).copy()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return dequantize(self.run_raw(quantize(np.asarray(x, np.float32), self.input)), self.output)
+
+    def op_names(self) -> list[str]:
+        try:
+            return [op["op_name"] for op in self.interp._get_ops_details()]
+        except AttributeError:  # pragma: no cover - old runtimes
+            return []
+
+    def tensor_dtypes(self) -> list[str]:
+        return [np.dtype(t["dtype"]).name for t in self.interp.get_tensor_details()]
+
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8", "tensor(int64)": "int64", "tensor(int32)": "int32",
+}
+
+
+class OnnxRunner(ModelRunner):
+    format = "onnx"
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.path = Path(path)
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"ONNX Runtime is not installed ({exc}); install it with: pip install 'edgetl[device]'"
+            ) from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types
+            raise ModelError(f"ONNX Runtime cannot load {str(self.path)!r}: {str(exc)[:300]}") from None
+        ins, outs = self.session.get_inputs(), self.session.get_outputs()
+        if len(ins) != 1 or len(outs) != 1:
+            raise ModelError(f"{str(self.path)!r} has {len(ins)} inputs and {len(outs)} outputs; expected one of each")
+        self.input = TensorInfo(ins[0].name, tuple(v if isinstance(v, int) else -1 for v in ins[0].shape),
+                                _ORT_TYPES.get(ins[0].type, ins[0].type))
+        self.output = TensorInfo(outs[0].name, tuple(v if isinstance(v, int) else -1 for v in outs[0].shape),
+                                 _ORT_TYPES.get(outs[0].type, outs[0].type))
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def run_raw(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output.name], {self.input.name: np.ascontiguousarray(x)})[0]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return dequantize(self.run_raw(quantize(np.asarray(x, np.float32), self.input)), self.output)
+
+
+def open_model(path: str | Path, threads: int | None = None, backend: str | None = None) -> ModelRunner:
+    """Load a .tflite (LiteRT) or .onnx (ONNX Runtime) file."""
+    fmt = detect_format(path)
+    if fmt == "tflite":
+        if backend == "onnxruntime":
+            raise ModelError(f"{str(path)!r} is a TFLite file; backend 'onnxruntime' cannot run it")
+        return TFLiteRunner(path, threads, backend)
+    if backend not in (None, "auto", "onnxruntime"):
+        raise ModelError(f"{str(path)!r} is an ONNX file; backend {backend!r} cannot run it (use 'onnxruntime')")
+    return OnnxRunner(path, threads)
+
+
+def run_batched(runner: ModelRunner, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([runner.run(x[i : i + batch]) for i in range(0, len(x), batch)]) if len(x) else np.zeros((0,))

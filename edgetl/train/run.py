@@ -1,0 +1,71 @@
+"""Read a run folder written by :func:`edgetl.train.trainer.train`."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+from ..data import Sample, scan_folder
+from ..errors import DataError, ModelError
+from ..head_arrays import Layers, load_head
+from ..preprocess import Preprocessing
+
+RUN_FILES = ("run.json", "model.keras", "head.npz", "labels.txt")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "run.json").is_file()
+
+
+class Run:
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+        missing = [f for f in RUN_FILES if not (self.dir / f).exists()]
+        if missing:
+            raise ModelError(f"{str(self.dir)!r} is not a complete run folder: missing {', '.join(missing)}")
+        try:
+            self.info = json.loads((self.dir / "run.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read {self.dir / 'run.json'}: {exc}") from None
+        self.labels: list[str] = list(self.info["classes"])
+        self.preprocessing = Preprocessing.from_dict(self.info["preprocessing"])
+        self.backbone_identity: dict = self.info["backbone"]
+
+    @cached_property
+    def classifier(self):
+        import keras
+
+        return keras.saving.load_model(self.dir / "model.keras", compile=False)
+
+    @property
+    def backbone_model(self):
+        """The backbone inside the classifier (image -> pooled feature)."""
+        import keras
+
+        for layer in self.classifier.layers:
+            if isinstance(layer, keras.Model) and layer.name != "head":
+                return layer
+        raise ModelError(f"{self.dir / 'model.keras'} holds no backbone sub-model")
+
+    @property
+    def head_model(self):
+        return self.classifier.get_layer("head")
+
+    def head(self) -> Layers:
+        return load_head(self.dir / "head.npz")
+
+    def samples(self, which: str) -> list[Sample]:
+        """The exact training or validation files of this run (which: 'train' or 'val')."""
+        data = self.info["data"]
+        root = data["val_dir"] if which == "val" and data.get("val_dir") else data["train_dir"]
+        wanted = set(self.info[f"{which}_files"])
+        try:
+            folder = scan_folder(root, classes=self.labels)
+        except DataError as exc:
+            raise DataError(f"the run's {which} photos are no longer readable: {exc}") from None
+        found = [s for s in folder.samples if s.relpath in wanted]
+        if not found:
+            raise DataError(f"none of the run's {len(wanted)} {which} files are in {root!r} any more")
+        return found

@@ -1,0 +1,322 @@
+"""Stage 1 (head on cached features), optional augmentation, stage 2 (fine-tuning)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..data import ImageFolder, scan_folder, split_folder
+from ..errors import ConfigError, DataError
+from ..fileio import atomic_write_json, atomic_write_text
+from ..head_arrays import head_predict, save_head
+from ..metrics import classification_report
+from .backbones import Backbone, build_backbone
+from .config import TrainConfig
+from .features import FeatureCache, Features, extract_features
+from .head import (
+    augmentation_layers,
+    build_classifier,
+    build_head,
+    head_layers,
+    make_image_dataset,
+)
+
+log = logging.getLogger("edgetl")
+Progress = Callable[[str, int, int], None]
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.epochs < 1:
+        raise ConfigError(f"epochs must be at least 1; received {cfg.epochs}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1; received {cfg.batch_size}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1); received {cfg.dropout}")
+    if cfg.class_weights not in ("balanced", "none"):
+        raise ConfigError(f"class_weights must be 'balanced' or 'none'; received {cfg.class_weights!r}")
+    if cfg.distribute not in ("none", "mirrored", "multiworker"):
+        raise ConfigError(f"distribute must be 'none', 'mirrored' or 'multiworker'; received {cfg.distribute!r}")
+    if cfg.fine_tune_layers < 0:
+        raise ConfigError(f"fine_tune_layers must be >= 0; received {cfg.fine_tune_layers}")
+    if cfg.fine_tune_layers and cfg.fine_tune_from:
+        raise ConfigError("give either fine_tune_layers or fine_tune_from, not both")
+    if any(h < 1 for h in cfg.hidden):
+        raise ConfigError(f"hidden layer sizes must be positive; received {list(cfg.hidden)}")
+
+
+def get_strategy(name: str):
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise ConfigError("distribute='multiworker' needs the TF_CONFIG environment variable describing the cluster")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def gpu_names() -> list[str]:
+    import tensorflow as tf
+
+    return [d.name for d in tf.config.list_physical_devices("GPU")]
+
+
+def class_weight_map(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
+    if mode == "none":
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def _progress_callback(progress: Progress | None, stage: str, total: int):
+    import keras
+
+    class _CB(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if progress:
+                progress(stage, epoch + 1, total)
+
+    return _CB()
+
+
+def _history_rows(history, stage: str, offset: int) -> list[dict]:
+    h = history.history
+    n = len(next(iter(h.values()))) if h else 0
+    rows = []
+    for i in range(n):
+        row = {"epoch": offset + i + 1, "stage": stage}
+        for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            if k in h:
+                row[k] = float(h[k][i])
+        rows.append(row)
+    return rows
+
+
+def _loss(label_smoothing: float):
+    import keras
+
+    return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+
+
+def _unfreeze(backbone: Backbone, cfg: TrainConfig) -> int:
+    """Make the top of the backbone trainable (BatchNorm stays frozen); return how many layers."""
+    import keras
+
+    layers = backbone.model.layers
+    if cfg.fine_tune_from:
+        names = [layer.name for layer in layers]
+        if cfg.fine_tune_from not in names:
+            import difflib
+
+            close = difflib.get_close_matches(cfg.fine_tune_from, names, n=3)
+            raise ConfigError(
+                f"backbone {backbone.spec.name} has no layer {cfg.fine_tune_from!r}"
+                + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
+            )
+        start = names.index(cfg.fine_tune_from)
+    else:
+        start = max(0, len(layers) - cfg.fine_tune_layers)
+    backbone.model.trainable = True
+    count = 0
+    for i, layer in enumerate(layers):
+        train_it = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = train_it
+        count += int(train_it and bool(layer.weights))
+    return count
+
+
+def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
+    """Train a classifier and write the run folder. Returns the run's summary (JSON-ready)."""
+    _check_config(cfg)
+    t_start = time.perf_counter()
+    import keras
+
+    keras.utils.set_random_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_folder = scan_folder(cfg.data_dir, min_classes=2)
+    if cfg.val_dir:
+        val_folder = scan_folder(cfg.val_dir, classes=train_folder.classes)
+    else:
+        train_folder, val_folder = split_folder(train_folder, cfg.val_split, cfg.split_seed)
+    classes = train_folder.classes
+    for name in train_folder.ignored:
+        log.warning("ignoring %s: not an image file extension", name)
+
+    gpus = gpu_names()
+    if cfg.mixed_precision:
+        if gpus:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        else:
+            log.warning("mixed precision asked for but no GPU is visible; training in float32")
+    strategy = get_strategy(cfg.distribute)
+    with strategy.scope():
+        backbone = build_backbone(cfg.backbone, cfg.alpha, cfg.size, cfg.weights)
+    spec = backbone.preprocessing
+
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    cache = FeatureCache(cache_dir, backbone.key(), backbone.feature_dim)
+    t0 = time.perf_counter()
+    tr = extract_features(backbone.model, train_folder.samples, spec, cache,
+                          batch_size=cfg.batch_size, strict=cfg.strict, progress=progress, stage="features (train)")
+    va = extract_features(backbone.model, val_folder.samples, spec, cache,
+                          batch_size=cfg.batch_size, strict=cfg.strict, progress=progress, stage="features (val)")
+    t_features = time.perf_counter() - t0
+    _check_usable(tr, train_folder, "training")
+
+    num_classes = len(classes)
+    ytr = keras.utils.to_categorical(tr.labels, num_classes)
+    yva = keras.utils.to_categorical(va.labels, num_classes) if len(va.labels) else None
+    cw = class_weight_map(tr.labels, num_classes, cfg.class_weights)
+    monitor = "val_loss" if yva is not None else "loss"
+
+    with strategy.scope():
+        head = build_head(backbone.feature_dim, num_classes, cfg.hidden, cfg.dropout, cfg.seed)
+        classifier = build_classifier(backbone.model, head, cfg.size)
+    history_rows: list[dict] = []
+    t0 = time.perf_counter()
+    early = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
+    if not cfg.augment:
+        with strategy.scope():
+            head.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                         loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
+        hist = head.fit(
+            tr.features, ytr, validation_data=(va.features, yva) if yva is not None else None,
+            epochs=cfg.epochs, batch_size=cfg.batch_size, class_weight=cw, shuffle=True, verbose=0,
+            callbacks=[early, _progress_callback(progress, "head", cfg.epochs)],
+        )
+    else:
+        with strategy.scope():
+            inp = keras.Input((cfg.size, cfg.size, 3))
+            train_model = keras.Model(inp, classifier(augmentation_layers(spec, cfg.seed)(inp)))
+            train_model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                                loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
+        ds_tr = make_image_dataset(tr.samples, spec, num_classes, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        ds_va = make_image_dataset(va.samples, spec, num_classes, cfg.batch_size, shuffle=False) if yva is not None else None
+        hist = train_model.fit(ds_tr, validation_data=ds_va, epochs=cfg.epochs, class_weight=cw, verbose=0,
+                               callbacks=[early, _progress_callback(progress, "head (augmented)", cfg.epochs)])
+    history_rows += _history_rows(hist, "head", 0)
+    t_head = time.perf_counter() - t0
+
+    fine = None
+    t_fine = 0.0
+    if cfg.fine_tunes:
+        t0 = time.perf_counter()
+        with strategy.scope():
+            n_unfrozen = _unfreeze(backbone, cfg)
+            classifier.compile(optimizer=keras.optimizers.Adam(cfg.fine_tune_lr),
+                               loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
+        ds_tr = make_image_dataset(tr.samples, spec, num_classes, cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
+        ds_va = make_image_dataset(va.samples, spec, num_classes, cfg.batch_size, shuffle=False) if yva is not None else None
+        early_ft = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
+        hist = classifier.fit(ds_tr, validation_data=ds_va, epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=0,
+                              callbacks=[early_ft, _progress_callback(progress, "fine-tune", cfg.fine_tune_epochs)])
+        history_rows += _history_rows(hist, "fine_tune", len(history_rows))
+        backbone.model.trainable = False
+        from .backbones import weights_digest
+
+        backbone.weights_sha256 = weights_digest(backbone.model)
+        fine = {"layers_unfrozen": n_unfrozen, "epochs_run": len(hist.history.get("loss", [])),
+                "learning_rate": cfg.fine_tune_lr}
+        t_fine = time.perf_counter() - t0
+
+    # Validation metrics: through the head on cached features while the backbone is the
+    # frozen one (numerically the classifier's own output); through images after fine-tuning.
+    layers = head_layers(head)
+    if yva is None:
+        val_probs = np.zeros((0, num_classes), np.float32)
+    elif cfg.fine_tunes:
+        ds_va = make_image_dataset(va.samples, spec, num_classes, cfg.batch_size, shuffle=False)
+        val_probs = np.asarray(classifier.predict(ds_va, verbose=0), np.float32)
+    else:
+        val_probs = head_predict(va.features, layers)
+    report = classification_report(va.labels, val_probs.argmax(axis=1), classes)
+    val_loss = float(min(r["val_loss"] for r in history_rows if "val_loss" in r)) if yva is not None else None
+
+    skipped = tr.skipped + va.skipped
+    summary = {
+        "edgetl_version": __version__,
+        "run_dir": str(out),
+        "classes": classes,
+        "num_train": int(len(tr.labels)),
+        "num_val": int(len(va.labels)),
+        "val_accuracy": report["accuracy"] if yva is not None else None,
+        "val_loss": val_loss,
+        "skipped": skipped,
+        "num_skipped": len(skipped),
+        "backbone": backbone.identity(),
+        "preprocessing": spec.to_dict(),
+        "head": {"layers": [list(w.shape) for w, _ in layers], "activation": "relu", "output": "softmax"},
+        "fine_tune": fine,
+        "augment": cfg.augment,
+        "feature_cache": {"path": str(cache.path), "hits": tr.cache_hits + va.cache_hits,
+                          "computed": tr.computed + va.computed},
+        "devices": {"gpus": gpus, "distribute": cfg.distribute,
+                    "replicas": int(strategy.num_replicas_in_sync)},
+        "timings_s": {"features": round(t_features, 3), "head": round(t_head, 3),
+                      "fine_tune": round(t_fine, 3), "total": None},
+        "data": {"train_dir": str(Path(cfg.data_dir)), "val_dir": str(Path(cfg.val_dir)) if cfg.val_dir else None,
+                 "val_split": None if cfg.val_dir else cfg.val_split, "split_seed": cfg.split_seed},
+    }
+    _write_run(out, cfg, summary, classifier, layers, history_rows, report, tr, va)
+    summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    atomic_write_json(out / "run.json", _run_json(summary, tr, va))
+    return summary
+
+
+def _check_usable(feats: Features, folder: ImageFolder, what: str) -> None:
+    counts = np.bincount(feats.labels, minlength=len(folder.classes))
+    empty = [folder.classes[i] for i, c in enumerate(counts) if c == 0]
+    if empty:
+        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in feats.skipped[:5])
+        raise DataError(
+            f"class(es) {empty} have no usable {what} image after skipping unreadable files"
+            + (f" ({reasons})" if reasons else "")
+        )
+
+
+def _run_json(summary: dict, tr: Features, va: Features) -> dict:
+    d = dict(summary)
+    d["train_files"] = [s.relpath for s in tr.samples]
+    d["val_files"] = [s.relpath for s in va.samples]
+    return d
+
+
+def _write_run(out: Path, cfg: TrainConfig, summary: dict, classifier, layers, history_rows,
+               report: dict, tr: Features, va: Features) -> None:
+    atomic_write_json(out / "config.json", cfg.to_dict())
+    atomic_write_text(out / "labels.txt", "\n".join(summary["classes"]) + "\n")
+    save_head(out / "head.npz", layers)
+    tmp = out / ".model.keras.tmp.keras"
+    classifier.save(tmp)
+    os.replace(tmp, out / "model.keras")
+    buf = io.StringIO()
+    cols = ["epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy"]
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for row in history_rows:
+        w.writerow({k: row.get(k, "") for k in cols})
+    atomic_write_text(out / "history.csv", buf.getvalue())
+    metrics = dict(report)
+    metrics["val_loss"] = summary["val_loss"]
+    metrics["skipped"] = summary["skipped"]
+    metrics["num_train"] = summary["num_train"]
+    atomic_write_json(out / "metrics.json", metrics)
+    from .plots import plot_confusion, plot_history
+
+    plot_history(history_rows, out / "training_curves.png")
+    plot_confusion(report["confusion_matrix"], summary["classes"], out / "confusion_matrix.png")
+    atomic_write_json(out / "run.json", _run_json(summary, tr, va))

@@ -1,0 +1,98 @@
+"""The command line through click's CliRunner, and the import-weight guarantees."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from edgetl.cli import cli
+
+from .conftest import TINY_ARGS
+
+
+def _all_commands(group: click.Group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield (*prefix, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _all_commands(cmd, (*prefix, name))
+
+
+@pytest.mark.device
+def test_every_command_has_help():
+    runner = CliRunner()
+    names = []
+    for path, cmd in _all_commands(cli):
+        res = runner.invoke(cli, [*path, "--help"])
+        assert res.exit_code == 0, (path, res.output)
+        assert (cmd.help or "").strip(), f"{' '.join(path)} has no help text"
+        assert "Usage: " in res.output
+        names.append(" ".join(path))
+    assert {"train", "eval", "predict"} <= set(names)
+
+
+@pytest.mark.device
+def test_import_and_help_do_not_import_tensorflow():
+    code = (
+        "import sys, edgetl, edgetl.preprocess, edgetl.data, edgetl.predictor, edgetl.runtime\n"
+        "from click.testing import CliRunner\n"
+        "from edgetl.cli import cli\n"
+        "r = CliRunner().invoke(cli, ['--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'))\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_train_eval_predict_end_to_end(tiny_data, tmp_path):
+    runner = CliRunner()
+    run_dir = tmp_path / "run"
+    res = runner.invoke(cli, ["train", str(tiny_data["train"]), "--out", str(run_dir), "--val", str(tiny_data["val"]),
+                              *TINY_ARGS, "--epochs", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["classes"] == ["daisy", "roses", "sunflowers"]
+    assert (out["num_train"], out["num_val"], out["skipped"]) == (24, 12, [])
+    assert out["run_dir"] == str(run_dir)
+    assert 0.0 <= out["val_accuracy"] <= 1.0
+
+    res = runner.invoke(cli, ["eval", str(run_dir), str(tiny_data["val"]), "--json"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads(res.stdout)
+    assert ev["accuracy"] == out["val_accuracy"] and ev["num_images"] == 12
+    assert set(ev["per_class"]) == {"daisy", "roses", "sunflowers"}
+    assert len(ev["confusion_matrix"]) == 3
+
+    img = sorted((tiny_data["val"] / "roses").iterdir())[0]
+    res = runner.invoke(cli, ["predict", str(run_dir), str(img), "--top-k", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    pred = json.loads(res.stdout)["predictions"]
+    assert len(pred) == 1 and pred[0]["file"] == str(img)
+    assert pred[0]["label"] == pred[0]["top"][0]["label"] and len(pred[0]["top"]) == 2
+    assert pred[0]["top"][0]["score"] >= pred[0]["top"][1]["score"]
+
+    res = runner.invoke(cli, ["eval", str(run_dir), str(tiny_data["val"])])
+    assert res.exit_code == 0 and "precision" in res.stdout and "roses" in res.stdout
+
+
+def test_cli_errors_are_one_clean_line(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1
+    assert res.output.strip() == (f"Error: data folder {str(tmp_path / 'missing')!r} does not exist; "
+                                  "expected a folder with one sub-folder per class")
+    res = runner.invoke(cli, ["train", str(tmp_path), "--backbone", "mobilenetv2"])
+    assert res.exit_code == 1
+
+
+@pytest.mark.device
+def test_cli_rejects_bad_hidden_sizes():
+    res = CliRunner().invoke(cli, ["train", "x", "--hidden", "12,abc"])
+    assert res.exit_code == 2
+    assert "expected layer sizes such as '512' or '512,128'; received '12,abc'" in res.output

@@ -1,0 +1,107 @@
+"""Decoding and preprocessing: every image mode becomes upright RGB, bad bytes are named."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgetl import preprocess
+from edgetl.errors import DataError
+
+pytestmark = pytest.mark.device
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_mobilenet_scaling_is_minus_one_to_one():
+    spec = preprocess.mobilenet_v2(8)
+    px = np.array([[[0, 127, 255]]], np.uint8)
+    out = preprocess.normalize(px, spec)
+    np.testing.assert_allclose(out[0, 0], [-1.0, 127 / 127.5 - 1, 1.0], atol=1e-6)
+    assert out.dtype == np.float32
+
+
+def test_caffe_preprocessing_flips_to_bgr_and_subtracts_mean():
+    spec = preprocess.caffe(4, "vgg16")
+    out = preprocess.normalize(np.array([[[10, 20, 30]]], np.uint8), spec)
+    np.testing.assert_allclose(out[0, 0], [30 - 103.939, 20 - 116.779, 10 - 123.68], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "mode,fmt,value,expected",
+    [
+        ("L", "PNG", 200, (200, 200, 200)),
+        ("RGB", "BMP", (10, 20, 30), (10, 20, 30)),
+        ("RGB", "WEBP", (0, 0, 0), (0, 0, 0)),
+        ("CMYK", "JPEG", (0, 0, 0, 0), (255, 255, 255)),
+        ("P", "GIF", 3, None),
+    ],
+)
+def test_modes_and_formats_decode_to_rgb(mode, fmt, value, expected):
+    img = Image.new(mode, (6, 4), value)
+    out = preprocess.decode_image(_encode(img, fmt), f"x.{fmt.lower()}")
+    assert out.mode == "RGB" and out.size == (6, 4)
+    if expected is not None:
+        assert np.abs(np.asarray(out, int)[2, 3] - np.array(expected)).max() <= 2
+
+
+def test_16bit_png_is_scaled_to_8bit():
+    arr = np.full((4, 4), 65535 // 2, np.uint16)
+    out = preprocess.decode_image(_encode(Image.fromarray(arr), "PNG"))
+    assert out.mode == "RGB"
+    assert tuple(np.asarray(out)[0, 0]) == (127, 127, 127)  # 32767 / 65535 * 255 = 127.498
+
+
+def test_rgba_is_composited_on_white():
+    img = Image.new("RGBA", (2, 2), (255, 0, 0, 0))  # fully transparent red
+    img.putpixel((0, 0), (255, 0, 0, 255))  # one opaque red pixel
+    out = np.asarray(preprocess.decode_image(_encode(img, "PNG")))
+    assert tuple(out[0, 0]) == (255, 0, 0)
+    assert tuple(out[1, 1]) == (255, 255, 255)
+
+
+def test_exif_orientation_is_honoured():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    out = preprocess.decode_image(_encode(img, "JPEG", exif=exif, quality=95))
+    assert out.size == (20, 40)
+    arr = np.asarray(out, int)
+    assert arr[5, 10].mean() > 200 and arr[35, 10].mean() < 50  # white ends up on top
+
+
+def test_bad_bytes_name_the_file_and_the_reason():
+    with pytest.raises(DataError, match=r"a\.jpg: not a recognised image \(first bytes b'hello"):
+        preprocess.decode_image(b"hello world", "a.jpg")
+    with pytest.raises(DataError, match=r"e\.png: the file is empty \(0 bytes\)"):
+        preprocess.decode_image(b"", "e.png")
+    jpeg = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    with pytest.raises(DataError, match=r"t\.jpg: cannot decode image"):
+        preprocess.decode_image(jpeg[: len(jpeg) // 2], "t.jpg")
+
+
+def test_load_batch_keeps_good_files_and_reports_bad(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (10, 10), (255, 255, 255)).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    x, digests, skipped = preprocess.load_batch([good, bad], preprocess.mobilenet_v2(4))
+    assert x.shape == (1, 4, 4, 3) and np.allclose(x, 1.0)
+    assert len(digests) == 1 and len(digests[0]) == 64
+    assert skipped == [(str(bad), f"{bad}: not a recognised image (first bytes b'not an i'); "
+                                  "expected one of .jpg, .jpeg, .png, .bmp, .gif, .webp")]
+
+
+def test_preprocessing_round_trips_through_dict():
+    spec = preprocess.caffe(160, "resnet50")
+    assert preprocess.Preprocessing.from_dict(spec.to_dict()) == spec
+    with pytest.raises(DataError, match="invalid preprocessing description"):
+        preprocess.Preprocessing.from_dict({"size": 3})

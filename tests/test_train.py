@@ -1,0 +1,184 @@
+"""Workstation training with real MobileNetV2 weights on real photos (alpha 0.35, 96x96)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edgetl import preprocess
+from edgetl.errors import ConfigError, DataError, ModelError
+
+from .conftest import FLOWERS, WEIGHTS_035, copy_photos
+
+
+def test_run_folder_contents(tiny_run):
+    for name in ("model.keras", "head.npz", "labels.txt", "config.json", "run.json", "history.csv",
+                 "metrics.json", "training_curves.png", "confusion_matrix.png"):
+        assert (tiny_run / name).is_file(), name
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert run["classes"] == ["daisy", "roses", "sunflowers"]
+    assert (tiny_run / "labels.txt").read_text() == "daisy\nroses\nsunflowers\n"
+    assert run["backbone"]["name"] == "mobilenet_v2" and run["backbone"]["alpha"] == 0.35
+    assert run["backbone"]["feature_dim"] == 1280 and run["backbone"]["input_size"] == 96
+    assert run["preprocessing"]["scale"] == pytest.approx(1 / 127.5) and run["preprocessing"]["offset"] == [-1, -1, -1]
+    assert len(run["train_files"]) == 24 and len(run["val_files"]) == 12
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert np.array(metrics["confusion_matrix"]).sum() == 12
+    assert set(metrics["per_class"]) == {"daisy", "roses", "sunflowers"}
+    rows = list(csv.DictReader((tiny_run / "history.csv").open()))
+    assert rows and rows[0]["stage"] == "head" and float(rows[0]["loss"]) > 0
+    with np.load(tiny_run / "head.npz", allow_pickle=False) as z:
+        assert z["W0"].shape == (1280, 3) and z["b0"].shape == (3,)
+    # Real ImageNet features separate three flower species far above chance (1/3).
+    assert run["val_accuracy"] >= 0.6
+
+
+def test_cached_features_equal_backbone_output(tiny_run, tiny_data):
+    from edgetl.train.backbones import build_backbone
+    from edgetl.train.features import FeatureCache
+
+    bb = build_backbone("mobilenet_v2", 0.35, 96, str(WEIGHTS_035))
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert bb.weights_sha256 == run["backbone"]["weights_sha256"]
+    cache = FeatureCache(tiny_run / "cache", bb.key(), bb.feature_dim)
+    assert len(cache) == 36
+    files = sorted((tiny_data["train"] / "roses").iterdir())[:4]
+    px = []
+    for f in files:
+        p, digest = preprocess.load_pixels(f, 96)
+        px.append(p)
+        assert cache.get(digest) is not None
+    direct = np.asarray(bb.model.predict_on_batch(preprocess.normalize(np.stack(px), bb.preprocessing)))
+    cached = np.stack([cache.get(preprocess.load_pixels(f, 96)[1]) for f in files])
+    np.testing.assert_allclose(cached, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_second_run_reuses_the_cache_and_gives_the_same_head(tiny_run, tiny_data, tmp_path):
+    from edgetl.train import TrainConfig, train
+
+    out = tmp_path / "again"
+    shutil.copytree(tiny_run / "cache", out / "cache")
+    cfg = TrainConfig(data_dir=str(tiny_data["train"]), out_dir=str(out), val_dir=str(tiny_data["val"]),
+                      alpha=0.35, size=96, weights=str(WEIGHTS_035), epochs=8, patience=8, seed=0)
+    summary = train(cfg)
+    assert summary["feature_cache"]["hits"] == 36 and summary["feature_cache"]["computed"] == 0
+    first = json.loads((tiny_run / "run.json").read_text())
+    assert summary["val_accuracy"] == first["val_accuracy"]
+    with np.load(out / "head.npz") as a, np.load(tiny_run / "head.npz") as b:
+        np.testing.assert_allclose(a["W0"], b["W0"], atol=1e-6)
+
+
+def test_reloaded_run_reproduces_validation_accuracy(tiny_run, tiny_data):
+    from edgetl.predictor import evaluate, open_predictor
+
+    report = evaluate(open_predictor(tiny_run), tiny_data["val"])
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert report["num_images"] == 12
+    assert report["accuracy"] == run["val_accuracy"]
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert report["confusion_matrix"] == metrics["confusion_matrix"]
+
+
+def test_bad_files_are_skipped_counted_or_fatal_in_strict_mode(tmp_path):
+    from edgetl.train import TrainConfig, train
+
+    data = copy_photos(FLOWERS / "train", tmp_path / "d", ["daisy", "tulips"], 4)
+    (data / "daisy" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (data / "tulips" / "empty.png").write_bytes(b"")
+    cfg = TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "r"), val_split=0.25, alpha=0.35, size=96,
+                      weights=str(WEIGHTS_035), epochs=1)
+    summary = train(cfg)
+    assert summary["num_skipped"] == 2
+    assert sorted(s["file"] for s in summary["skipped"]) == ["daisy/broken.jpg", "tulips/empty.png"]
+    assert any("the file is empty (0 bytes)" in s["reason"] for s in summary["skipped"])
+    assert summary["num_train"] + summary["num_val"] == 8
+    strict = TrainConfig(**{**cfg.to_dict(), "strict": True, "hidden": ()})
+    with pytest.raises(DataError, match=r"strict mode"):
+        train(strict)
+
+
+def test_class_with_only_bad_images_is_a_clear_error(tmp_path):
+    from edgetl.train import TrainConfig, train
+
+    data = copy_photos(FLOWERS / "train", tmp_path / "d", ["daisy"], 3)
+    (data / "ghosts").mkdir()
+    for i in range(3):
+        (data / "ghosts" / f"{i}.jpg").write_text("not a photo")
+    cfg = TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "r"), alpha=0.35, size=96,
+                      weights=str(WEIGHTS_035), epochs=1)
+    with pytest.raises(DataError, match=r"class\(es\) \['ghosts'\] have no usable training image"):
+        train(cfg)
+
+
+def test_missing_imagenet_weights_offline_names_the_file(tmp_path, monkeypatch):
+    from edgetl.train.backbones import build_backbone
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    import keras
+
+    monkeypatch.setattr(keras.src.utils.file_utils, "urlretrieve", _no_network, raising=False)
+    with pytest.raises(ModelError) as err:
+        build_backbone("mobilenet_v2", 0.35, 128, "imagenet")
+    msg = str(err.value)
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_128_no_top.h5" in msg
+    assert str(tmp_path / "models") in msg and "--weights" in msg
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("[Errno -2] Name or service not known")
+
+
+def test_backbone_argument_errors():
+    from edgetl.train.backbones import build_backbone
+
+    with pytest.raises(ConfigError, match=r"unknown backbone 'mobilenet_v3'; did you mean 'mobilenet_v2'\?"):
+        build_backbone("mobilenet_v3", 1.0, 224, "none")
+    with pytest.raises(ConfigError, match=r"alpha for 'mobilenet_v2' must be one of .*received 0.4"):
+        build_backbone("mobilenet_v2", 0.4, 224, "none")
+    with pytest.raises(ConfigError, match=r"input size .* between 96 and 224; received 64"):
+        build_backbone("mobilenet_v2", 1.0, 64, "none")
+    with pytest.raises(ModelError, match=r"weights file '/nonexistent.h5' does not exist"):
+        build_backbone("mobilenet_v2", 1.0, 224, "/nonexistent.h5")
+
+
+def test_weights_file_of_another_width_is_refused():
+    from edgetl.train.backbones import build_backbone
+
+    with pytest.raises(ModelError, match=r"does not fit backbone mobilenet_v2 \(alpha 0.5\)"):
+        build_backbone("mobilenet_v2", 0.5, 96, str(WEIGHTS_035))
+
+
+@pytest.mark.slow
+def test_fine_tune_keeps_batchnorm_frozen_and_changes_top_convs(tiny_data, tmp_path):
+    import keras
+
+    from edgetl.train import TrainConfig, train
+    from edgetl.train.run import Run
+
+    cfg = TrainConfig(data_dir=str(tiny_data["train"]), out_dir=str(tmp_path / "ft"), val_dir=str(tiny_data["val"]),
+                      alpha=0.35, size=96, weights=str(WEIGHTS_035), epochs=2, fine_tune_layers=12,
+                      fine_tune_epochs=2, fine_tune_lr=1e-3, batch_size=8)
+    summary = train(cfg)
+    assert summary["fine_tune"]["layers_unfrozen"] > 0
+    tuned = Run(tmp_path / "ft").backbone_model
+    fresh = keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, include_top=False,
+                                           weights=str(WEIGHTS_035), pooling="avg")
+    changed_conv = 0
+    for a, b in zip(tuned.layers, fresh.layers):
+        for wa, wb in zip(a.weights, b.weights):
+            same = np.array_equal(np.asarray(wa), np.asarray(wb))
+            if isinstance(a, keras.layers.BatchNormalization):
+                assert same, f"BatchNorm {a.name} changed during fine-tuning"
+            elif not same:
+                changed_conv += 1
+    assert changed_conv > 0
+    assert tuned.layers[1].name == fresh.layers[1].name
+    assert np.array_equal(np.asarray(tuned.layers[1].weights[0]), np.asarray(fresh.layers[1].weights[0]))
+    from edgetl.train.backbones import weights_digest
+
+    assert summary["backbone"]["weights_sha256"] == weights_digest(tuned) != weights_digest(fresh)
