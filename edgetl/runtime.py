@@ -8,6 +8,7 @@ dequantized, so every model file answers in the same float units.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,11 +121,17 @@ class ModelRunner:
 class TFLiteRunner(ModelRunner):
     format = "tflite"
 
-    def __init__(self, path: str | Path, threads: int | None = None, backend: str | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, backend: str | None = None,
+                 inspect: bool = False):
+        """``inspect=True`` loads without the default (XNNPACK) delegate, so the op list is the file's own."""
         self.path = Path(path)
         self.backend, Interpreter = _litert_interpreter_class(backend)
+        kwargs = {}
+        if inspect:
+            module = importlib.import_module(Interpreter.__module__)
+            kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interp = Interpreter(model_path=str(self.path), num_threads=threads or default_threads())
+            self.interp = Interpreter(model_path=str(self.path), num_threads=threads or default_threads(), **kwargs)
             self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"LiteRT cannot load {str(self.path)!r}: {exc}") from None

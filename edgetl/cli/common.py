@@ -113,7 +113,7 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
 
     table = Table(title=title, title_justify="left")
     for c in columns:
-        table.add_column(c, justify="left" if c in (columns[0], "status", "label", "file") else "right")
+        table.add_column(c, justify="left" if c in (columns[0], "status", "label", "file") else "right", no_wrap=True)
     for r in rows:
         table.add_row(*["" if v is None else str(v) for v in r])
-    Console(width=max(100, Console().width)).print(table)
+    Console(width=max(160, Console().width), soft_wrap=True).print(table)

@@ -26,9 +26,9 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from . import train_cmds
+    from . import export_cmds, train_cmds
 
-    for cmd in (train_cmds.train, train_cmds.eval_cmd, train_cmds.predict):
+    for cmd in (train_cmds.train, train_cmds.eval_cmd, train_cmds.predict, export_cmds.export, export_cmds.bench):
         cli.add_command(cmd)
 
 
@@ -37,3 +37,7 @@ _register()
 
 def main() -> None:  # console-script entry point
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""``edgetl export`` and ``edgetl bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..formats import FORMATS, IO_TYPES
+from .common import ProgressBars, emit_json, handle_errors, json_option, print_table, quiet_tensorflow, threads_option
+
+_FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS.values())
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Bundle folder to write (default: models/<run folder name>).")
+@click.option("-f", "--format", "targets", multiple=True, default=("tflite:fp32", "tflite:int8"), show_default=True,
+              help=f"FORMAT[:PRECISION[+PRECISION]] or FORMAT:all; repeatable. {_FORMAT_HELP}.")
+@click.option("--role", "roles", multiple=True, type=click.Choice(["classifier", "backbone"]),
+              default=("classifier", "backbone"), show_default=True,
+              help="classifier: image -> probabilities; backbone: image -> feature (for on-device learning).")
+@click.option("--io", type=click.Choice(IO_TYPES), default="int8", show_default=True,
+              help="Input/output type of full-integer int8 TFLite files.")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Training photos used to calibrate int8 (balanced over classes).")
+@click.option("--max-drop", type=float, default=1.0, show_default=True,
+              help="Fail when an int8 file's accuracy is more than this many points below Keras.")
+@click.option("--replay-per-class", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Replay features per class shipped for on-device retraining.")
+@click.option("--no-verify", is_flag=True, help="Skip running every file against Keras on the validation photos.")
+@click.option("--zip", "make_zip", is_flag=True, help="Also write the bundle as one .zip beside the folder.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@threads_option
+@json_option
+@handle_errors
+def export(run_dir, out, targets, roles, io, calibration_images, max_drop, replay_per_class, no_verify, make_zip,
+           force, threads, as_json):
+    """Export RUN_DIR to a bundle: TFLite/ONNX files, head, labels, manifest.
+
+    Every file is checked for the tensor types asked for and, unless --no-verify, run in its
+    runtime (LiteRT, ONNX Runtime) on the run's validation photos and compared with Keras.
+    """
+    from ..formats import parse_targets
+
+    parse_targets(list(targets))  # argument errors before TensorFlow is imported
+    quiet_tensorflow()
+    from ..export import export_run
+
+    with ProgressBars() as bars:
+        report = export_run(run_dir, out, targets=list(targets), roles=tuple(roles), io=io,
+                            calibration_images=calibration_images, verify=not no_verify, max_drop=max_drop,
+                            replay_per_class=replay_per_class, make_zip=make_zip, force=force, threads=threads,
+                            progress=bars)
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(f"bundle: {report['bundle']}" + (f"  (zip: {report['zip']})" if report.get("zip") else ""))
+    sizes = {f["file"]: f["bytes"] for f in report["manifest"]["files"]}
+    rows = []
+    for v in report["files"]:
+        rows.append([v["file"], f"{sizes[v['file']] / 1e6:.2f}", f"{v['accuracy']:.4f}",
+                     f"{v['top1_agreement']:.4f}",
+                     f"{v['cosine_mean']:.5f}" if "cosine_mean" in v else f"{v['max_abs_diff']:.2e}"])
+    if rows:
+        print_table(f"verified on {report['num_val_images']} validation photos; Keras accuracy "
+                    f"{report['keras_accuracy']:.4f}",
+                    ["file", "MB", "accuracy", "agreement", "cosine / max diff"], rows)
+
+
+def _fmt(v, spec="{:.3f}"):
+    return "" if v is None else spec.format(v)
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-f", "--format", "targets", multiple=True, default=None,
+              help="Targets as for export (default: every format and precision). Run folders only.")
+@click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed batch-1 runs per file.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--calibration-images", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--max-drop", type=float, default=1.0, show_default=True)
+@click.option("--io", type=click.Choice(IO_TYPES), default="int8", show_default=True)
+@threads_option
+@json_option
+@handle_errors
+def bench(source, data_dir, targets, runs, warmup, calibration_images, max_drop, io, threads, as_json):
+    """Benchmark every format x precision of SOURCE (run folder or bundle) on DATA_DIR.
+
+    Rows: status, file size, accuracy and its difference to Keras, batch-1 latency p50/p95 with
+    one thread and with all threads, and peak memory of a process running the file.
+    """
+    quiet_tensorflow()
+    from ..benchmark import bench as run_bench
+
+    with ProgressBars() as bars:
+        result = run_bench(source, data_dir, targets=list(targets) or None, runs=runs, warmup=warmup, threads=threads,
+                           calibration_images=calibration_images, max_drop=max_drop, io=io, progress=bars)
+    if as_json:
+        emit_json(result)
+        return
+    rows = [[r["format"], r["precision"], r["status"], _fmt(r.get("size_mb"), "{:.2f}"), _fmt(r.get("accuracy"), "{:.4f}"),
+             _fmt(r.get("diff_points"), "{:+.2f}"), _fmt(r.get("agreement"), "{:.4f}"), _fmt(r.get("p50_ms_1t"), "{:.2f}"), _fmt(r.get("p95_ms_1t"), "{:.2f}"),
+             _fmt(r.get("p50_ms_all"), "{:.2f}"), _fmt(r.get("p95_ms_all"), "{:.2f}"), _fmt(r.get("peak_rss_mb"), "{:.0f}")]
+            for r in result["rows"]]
+    print_table(f"{result['source']} on {result['data_dir']} (batch 1; all = {result['threads_all']} threads)",
+                ["format", "precision", "status", "MB", "accuracy", "diff pts", "agree", "p50 1t ms", "p95 1t ms",
+                 "p50 all ms", "p95 all ms", "peak MB"], rows)
+    for r in result["rows"]:
+        if r.get("error"):
+            click.echo(f"{r['format']} {r['precision']}: {r['status']}: {r['error']}")

@@ -1,0 +1,255 @@
+"""Export a run folder into a verified bundle.
+
+For every requested format x precision and role (the full classifier, and the backbone that
+on-device learning needs), convert, check the file's tensor types, run it in its real
+runtime on the run's validation photos, compare with Keras, apply the int8 accuracy gate,
+and move the finished bundle into place in one rename.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__, preprocess
+from ..bundle import BUNDLE_FORMAT, FORMAT_VERSION, commit_bundle, file_entry, make_staging, zip_bundle
+from ..data import Sample
+from ..errors import ConfigError, ExportError
+from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..formats import file_name, parse_targets
+from ..head_arrays import head_predict, save_head
+from ..metrics import cosine
+from ..runtime import open_model, run_batched
+from .common import ExportOptions, ExportSource
+
+log = logging.getLogger("edgetl")
+Progress = Callable[[str, int, int], None]
+
+TOOLS = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "numpy", "pillow")
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"edgetl": __version__}
+    for name in TOOLS:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def balanced_subset(samples: list[Sample], n: int) -> list[Sample]:
+    """Up to n samples, round-robin over classes, in the run's (deterministic) file order."""
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    out: list[Sample] = []
+    i = 0
+    while len(out) < n and any(i < len(v) for v in by_class.values()):
+        for label in sorted(by_class):
+            if i < len(by_class[label]) and len(out) < n:
+                out.append(by_class[label][i])
+        i += 1
+    return out
+
+
+def load_images(samples: list[Sample], spec) -> tuple[np.ndarray, np.ndarray]:
+    x, _, bad = preprocess.load_batch([s.path for s in samples], spec)
+    bad_paths = {b[0] for b in bad}
+    y = np.array([s.label for s in samples if str(s.path) not in bad_paths], np.int64)
+    return x, y
+
+
+def verify_file(path: Path, role: str, x: np.ndarray, y: np.ndarray, reference: np.ndarray,
+                head_layers, keras_accuracy: float, threads: int | None = None) -> dict:
+    """Run one exported file in its runtime and compare with the Keras outputs."""
+    runner = open_model(path, threads=threads)
+    t0 = time.perf_counter()
+    out = run_batched(runner, x)
+    seconds = time.perf_counter() - t0
+    result = {"num_images": int(len(x)), "runtime": runner.backend, "seconds": round(seconds, 3)}
+    if role == "backbone":
+        cos = cosine(out, reference)
+        probs = head_predict(out, head_layers)
+        ref_pred = head_predict(reference, head_layers).argmax(1)
+        result.update({"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())})
+    else:
+        probs = out
+        ref_pred = reference.argmax(1)
+        result["max_abs_diff"] = float(np.abs(out - reference).max())
+    pred = probs.argmax(1)
+    result.update({
+        "accuracy": float((pred == y).mean()),
+        "keras_accuracy": keras_accuracy,
+        "top1_agreement": float((pred == ref_pred).mean()),
+    })
+    result["accuracy_drop_points"] = round(100 * (keras_accuracy - result["accuracy"]), 3)
+    return result
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    targets: list[str] | tuple[str, ...] = ("tflite:fp32", "tflite:int8"),
+    roles: tuple[str, ...] = ("classifier", "backbone"),
+    io: str = "int8",
+    calibration_images: int = 200,
+    verify: bool = True,
+    max_drop: float = 1.0,
+    replay_per_class: int = 20,
+    make_zip: bool = False,
+    force: bool = False,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Export ``run_dir`` to a bundle folder; returns the export report (JSON-ready)."""
+    from ..train.run import Run
+
+    t_start = time.perf_counter()
+    run = Run(run_dir)
+    parsed = parse_targets(list(targets))
+    if not parsed:
+        raise ConfigError("no export targets given; e.g. --format tflite:int8")
+    for r in roles:
+        if r not in ("classifier", "backbone"):
+            raise ConfigError(f"unknown role {r!r}; expected 'classifier' and/or 'backbone'")
+    if calibration_images < 1:
+        raise ConfigError(f"calibration_images must be at least 1; received {calibration_images}")
+    target = Path(out) if out else Path("models") / run.dir.name
+    if target.exists() and not force:
+        raise ExportError(f"{target} already exists; pass --force to replace it")
+    spec = run.preprocessing
+    head_layers = run.head()
+
+    cal_samples = balanced_subset(run.samples("train"), max(calibration_images, replay_per_class * len(run.labels)))
+    x_cal, y_cal = load_images(cal_samples, spec)
+    val_samples = run.samples("val")
+    x_val, y_val = load_images(val_samples, spec)
+
+    classifier = run.classifier
+    backbone = run.backbone_model
+    models = {"classifier": classifier, "backbone": backbone}
+    references: dict[str, np.ndarray] = {}
+    keras_acc = None
+    if verify and len(x_val):
+        references["backbone"] = np.asarray(backbone.predict(x_val, batch_size=32, verbose=0), np.float32)
+        references["classifier"] = np.asarray(classifier.predict(x_val, batch_size=32, verbose=0), np.float32)
+        keras_acc = float((references["classifier"].argmax(1) == y_val).mean())
+
+    staging = make_staging(target)
+    try:
+        work = staging / ".work"
+        work.mkdir()
+        metadata = {
+            "labels": _json(run.labels), "preprocessing": _json(spec.to_dict()),
+            "backbone": _json(run.backbone_identity), "edgetl_version": __version__,
+        }
+        entries: list[dict] = []
+        verification: list[dict] = []
+        options = ExportOptions(io=io)
+        total = len(parsed) * len(roles)
+        done = 0
+        for role in roles:
+            source = ExportSource(role, models[role], work, x_cal[:calibration_images],
+                                  {**metadata, "role": role})
+            for fmt, precision in parsed:
+                name = file_name(role, fmt, precision)
+                module = importlib.import_module(fmt.module)
+                info = module.export(source, staging / name, precision, options)
+                entry = {"role": role, "format": fmt.name, "precision": precision, "runtime": fmt.runtime,
+                         "input": info["input"], "output": info["output"]}
+                if fmt.name == "tflite":
+                    entry["flex_ops"] = bool(info["flex_or_custom_ops"])
+                if verify and len(x_val):
+                    v = verify_file(staging / name, role, x_val, y_val, references[role], head_layers, keras_acc, threads)
+                    v.update({"file": name, "role": role, "format": fmt.name, "precision": precision})
+                    verification.append(v)
+                    entry["verification"] = {k: v[k] for k in ("accuracy", "top1_agreement", "accuracy_drop_points")}
+                    _gate(v, max_drop)
+                if role == "backbone" and replay_per_class > 0:
+                    entry["replay"] = _write_replay(staging, name, x_cal, y_cal, replay_per_class, len(run.labels), threads)
+                entries.append((name, entry))
+                done += 1
+                if progress:
+                    progress("export", done, total)
+        shutil.rmtree(work, ignore_errors=True)
+
+        save_head(staging / "head.npz", head_layers)
+        atomic_write_text(staging / "labels.txt", "\n".join(run.labels) + "\n")
+        report = {
+            "bundle": str(target), "run_dir": str(run.dir), "keras_accuracy": keras_acc,
+            "num_val_images": int(len(x_val)), "calibration_images": int(min(calibration_images, len(x_cal))),
+            "max_drop_points": max_drop, "files": verification,
+        }
+        atomic_write_json(staging / "export_report.json", report)
+
+        files = [file_entry(staging, n, e.pop("role"), **e) for n, e in entries]
+        files.append(file_entry(staging, "head.npz", "head", format="npz",
+                                layers=[list(w.shape) for w, _ in head_layers], activation="relu", output="softmax"))
+        for n, e in entries:
+            if "replay" in e:
+                files.append(file_entry(staging, e["replay"], "replay", format="npz", backbone=n))
+        files.append(file_entry(staging, "labels.txt", "labels", format="text"))
+        files.append(file_entry(staging, "export_report.json", "report", format="json"))
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": target.name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "labels": run.labels,
+            "preprocessing": spec.to_dict(),
+            "input": {"size": spec.size, "layout": "NHWC", "channels": 3, "color": spec.channel_order},
+            "feature_dim": int(run.backbone_identity["feature_dim"]),
+            "backbone": run.backbone_identity,
+            "files": files,
+            "tools": tool_versions(),
+            "verification": {"keras_accuracy": keras_acc, "num_images": int(len(x_val))},
+        }
+        commit_bundle(staging, target, manifest, force=force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report["manifest"] = manifest
+    if make_zip:
+        report["zip"] = str(zip_bundle(target, target.with_suffix(".zip")))
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    return report
+
+
+def _gate(v: dict, max_drop: float) -> None:
+    if v["precision"] != "int8":
+        return
+    if v["accuracy_drop_points"] > max_drop:
+        raise ExportError(
+            f"{v['file']}: int8 accuracy {100 * v['accuracy']:.2f}% is {v['accuracy_drop_points']:.2f} points below "
+            f"the float Keras model's {100 * v['keras_accuracy']:.2f}% on {v['num_images']} validation photos "
+            f"(allowed: {max_drop} points, --max-drop). Export fp16 or dynamic instead "
+            f"(--format tflite:fp16 or tflite:dynamic), or calibrate on more images (--calibration-images)."
+        )
+
+
+def _write_replay(staging: Path, backbone_file: str, x_cal: np.ndarray, y_cal: np.ndarray,
+                  per_class: int, num_classes: int, threads: int | None) -> str:
+    """Replay features for on-device retraining, made with THIS backbone file."""
+    idx = np.concatenate([np.flatnonzero(y_cal == c)[:per_class] for c in range(num_classes)])
+    feats = run_batched(open_model(staging / backbone_file, threads=threads), x_cal[idx])
+    name = f"replay_{Path(backbone_file).stem}.npz"
+    buf = io.BytesIO()
+    np.savez(buf, features=feats.astype(np.float32), labels=y_cal[idx].astype(np.int64))
+    atomic_write_bytes(staging / name, buf.getvalue())
+    return name
+
+
+def _json(obj) -> str:
+    return json.dumps(obj)
+

@@ -1,0 +1,25 @@
+"""TFLite export: fp32, fp16, dynamic-range and full-integer int8 (via a SavedModel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ExportError
+from ..fileio import atomic_write_bytes
+from .checks import check_tflite
+from .common import ExportOptions, ExportSource
+from .quantization import QuantizationConfig
+
+
+def export(source: ExportSource, path: Path, precision: str, options: ExportOptions) -> dict:
+    import tensorflow as tf
+
+    quant = QuantizationConfig.for_precision(precision, options.io)
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model()))
+    quant.apply(converter, source.calibration if quant.needs_calibration else None)
+    try:
+        flatbuffer = converter.convert()
+    except Exception as exc:  # the converter raises many types
+        raise ExportError(f"TFLite conversion of the {source.role} to {precision} failed: {str(exc)[:400]}") from None
+    atomic_write_bytes(path, flatbuffer)
+    return check_tflite(path, precision, quant.io if precision == "int8" else "float")

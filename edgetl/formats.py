@@ -1,0 +1,101 @@
+"""The one table of export formats (TensorFlow-free).
+
+``edgetl export`` (argument checks, dispatch), ``edgetl bench`` (its rows) and the bundle
+reader (runtime per file) all read this table; nothing else lists formats or precisions.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    suffix: str
+    precisions: tuple[str, ...]
+    default_precisions: tuple[str, ...]
+    runtime: str  # the runtime that loads it: "litert" or "onnxruntime"
+    module: str  # the exporter module; each has export(model, path, precision, options)
+    roles: tuple[str, ...]
+    description: str
+
+
+FORMATS: dict[str, Format] = {
+    "tflite": Format(
+        name="tflite",
+        suffix=".tflite",
+        precisions=("fp32", "fp16", "dynamic", "int8"),
+        default_precisions=("fp32", "int8"),
+        runtime="litert",
+        module="edgetl.export.tflite",
+        roles=("classifier", "backbone"),
+        description="TFLite flatbuffer for LiteRT: float32, float16 weights, dynamic-range int8 weights, "
+        "or full-integer int8 calibrated on training photos",
+    ),
+    "onnx": Format(
+        name="onnx",
+        suffix=".onnx",
+        precisions=("fp32", "int8"),
+        default_precisions=("fp32",),
+        runtime="onnxruntime",
+        module="edgetl.export.onnx",
+        roles=("classifier", "backbone"),
+        description="ONNX for ONNX Runtime: float32 (tf2onnx), or int8 QDQ static quantization calibrated "
+        "on training photos",
+    ),
+}
+
+# Device preference when a bundle holds several files of one role.
+PREFERENCE = (("tflite", "int8"), ("tflite", "dynamic"), ("tflite", "fp16"), ("tflite", "fp32"),
+              ("onnx", "int8"), ("onnx", "fp32"))
+
+IO_TYPES = ("int8", "uint8", "float")
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def get_format(name: str) -> Format:
+    key = name.strip().lower()
+    if key in FORMATS:
+        return FORMATS[key]
+    raise ConfigError(f"unknown format {name!r}{_suggest(key, FORMATS)} Known formats: {', '.join(FORMATS)}")
+
+
+def parse_target(spec: str) -> list[tuple[Format, str]]:
+    """'tflite:int8' -> [(tflite, int8)]; 'tflite' -> its default precisions; 'onnx:all' -> all."""
+    name, _, precision = spec.partition(":")
+    fmt = get_format(name)
+    if not precision:
+        return [(fmt, p) for p in fmt.default_precisions]
+    if precision == "all":
+        return [(fmt, p) for p in fmt.precisions]
+    out = []
+    for p in precision.split("+"):
+        p = p.strip().lower()
+        if p not in fmt.precisions:
+            raise ConfigError(
+                f"format {fmt.name!r} has no precision {p!r}{_suggest(p, fmt.precisions)} "
+                f"Its precisions: {', '.join(fmt.precisions)}"
+            )
+        out.append((fmt, p))
+    return out
+
+
+def parse_targets(specs: list[str] | tuple[str, ...]) -> list[tuple[Format, str]]:
+    seen: list[tuple[Format, str]] = []
+    for spec in specs:
+        for t in parse_target(spec):
+            if t not in seen:
+                seen.append(t)
+    return seen
+
+
+def file_name(role: str, fmt: Format, precision: str) -> str:
+    return f"{role}_{precision}{fmt.suffix}"
