@@ -26,6 +26,23 @@ log = logging.getLogger("edgetl")
 Progress = Callable[[str, int, int], None]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB.
+
+    ``VmHWM`` from /proc, because Linux carries ``ru_maxrss`` across exec: a worker started
+    from a big parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
 def measure_file(path: str | Path, threads: int, runs: int = 30, warmup: int = 3, seed: int = 0) -> dict:
     """Batch-1 latency (p50/p95 ms) of a model file, in this process."""
     from .runtime import open_model
@@ -44,7 +61,7 @@ def measure_file(path: str | Path, threads: int, runs: int = 30, warmup: int = 3
         "threads": threads,
         "p50_ms": float(np.percentile(times, 50)),
         "p95_ms": float(np.percentile(times, 95)),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_rss_mb": peak_rss_mb(),
         "runtime": runner.backend,
     }
 

@@ -70,8 +70,12 @@ class Bundle:
         rank = {fp: i for i, fp in enumerate(PREFERENCE)}
         return min(cands, key=lambda c: rank.get((c["format"], c.get("precision")), len(rank)))
 
-    def head(self) -> Layers:
-        entry = self.pick("head")
+    def head(self, backbone_entry: dict | None = None) -> Layers:
+        """The head; a quantized backbone may carry its own re-fitted head (``backbone_entry['head']``)."""
+        if backbone_entry is not None and backbone_entry.get("head"):
+            entry = next(f for f in self.files if f["file"] == backbone_entry["head"])
+        else:
+            entry = next((f for f in self.entries("head") if "backbone" not in f), None) or self.pick("head")
         layers = load_head(self.path(entry))
         if layers[0][0].shape[0] != self.feature_dim or layers[-1][0].shape[1] != len(self.labels):
             raise BundleError(

@@ -116,7 +116,7 @@ def open_predictor(
             return FilePredictor(runner, b.labels, b.preprocessing, f"bundle {p} ({entry['file']})")
         entry = b.pick("backbone", backend=backend, precision=precision)
         runner = open_model(b.path(entry), threads, backend)
-        return SplitPredictor(runner, b.head(), b.labels, b.preprocessing, f"bundle {p} ({entry['file']} + head)")
+        return SplitPredictor(runner, b.head(entry), b.labels, b.preprocessing, f"bundle {p} ({entry['file']} + head)")
     if p.is_dir():
         raise ModelError(f"{str(p)!r} is a folder but neither a run folder (run.json) nor a bundle (manifest.json)")
     if p.suffix.lower() == ".keras":

@@ -8,6 +8,7 @@ dequantized, so every model file answers in the same float units.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -95,6 +96,23 @@ def _litert_interpreter_class(backend: str | None):
     )
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence native writes to fd 2 (Python exceptions still carry their messages)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (some embedded hosts)
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class ModelRunner:
     """One loaded model file. ``run(x)`` takes a float32 batch, returns a float32 batch."""
 
@@ -131,8 +149,9 @@ class TFLiteRunner(ModelRunner):
             module = importlib.import_module(Interpreter.__module__)
             kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interp = Interpreter(model_path=str(self.path), num_threads=threads or default_threads(), **kwargs)
-            self.interp.allocate_tensors()
+            with _quiet_stderr():  # LiteRT's C++ logs "Created TensorFlow Lite XNNPACK delegate" on fd 2
+                self.interp = Interpreter(model_path=str(self.path), num_threads=threads or default_threads(), **kwargs)
+                self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"LiteRT cannot load {str(self.path)!r}: {exc}") from None
         ins = self.interp.get_input_details()

@@ -57,7 +57,12 @@ def test_every_format_and_precision_is_in_the_bundle(tiny_bundle):
     assert b.manifest["tools"]["tensorflow"] and b.manifest["tools"]["edgetl"]
     int8 = next(e for e in b.files if e["file"] == "backbone_int8.tflite")
     assert int8["input"]["dtype"] == "int8" and int8["input"]["scale"] > 0 and "zero_point" in int8["input"]
-    assert int8["replay"] == "replay_backbone_int8.npz" and int8["flex_ops"] is False
+    assert int8["replay"] == "replay_backbone_int8_tflite.npz" and int8["flex_ops"] is False
+    assert int8["head"] == "head_backbone_int8_tflite.npz" and int8["head_refit"]["epochs"] == 5
+    onnx8 = next(e for e in b.files if e["file"] == "backbone_int8.onnx")
+    assert onnx8["replay"] == "replay_backbone_int8_onnx.npz" and onnx8["head"] == "head_backbone_int8_onnx.npz"
+    names = [e["file"] for e in b.files]
+    assert len(names) == len(set(names))
     feats, labels = b.replay(int8)
     assert feats.shape == (12, 1280) and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
 

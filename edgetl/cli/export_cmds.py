@@ -29,14 +29,16 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
               help="Fail when an int8 file's accuracy is more than this many points below Keras.")
 @click.option("--replay-per-class", type=click.IntRange(min=0), default=20, show_default=True,
               help="Replay features per class shipped for on-device retraining.")
+@click.option("--no-refit-head", is_flag=True,
+              help="Keep the float head for int8 files instead of re-fitting it on the quantized backbone's features.")
 @click.option("--no-verify", is_flag=True, help="Skip running every file against Keras on the validation photos.")
 @click.option("--zip", "make_zip", is_flag=True, help="Also write the bundle as one .zip beside the folder.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @threads_option
 @json_option
 @handle_errors
-def export(run_dir, out, targets, roles, io, calibration_images, max_drop, replay_per_class, no_verify, make_zip,
-           force, threads, as_json):
+def export(run_dir, out, targets, roles, io, calibration_images, max_drop, replay_per_class, no_refit_head, no_verify,
+           make_zip, force, threads, as_json):
     """Export RUN_DIR to a bundle: TFLite/ONNX files, head, labels, manifest.
 
     Every file is checked for the tensor types asked for and, unless --no-verify, run in its
@@ -52,6 +54,7 @@ def export(run_dir, out, targets, roles, io, calibration_images, max_drop, repla
         report = export_run(run_dir, out, targets=list(targets), roles=tuple(roles), io=io,
                             calibration_images=calibration_images, verify=not no_verify, max_drop=max_drop,
                             replay_per_class=replay_per_class, make_zip=make_zip, force=force, threads=threads,
+                            refit_head=not no_refit_head,
                             progress=bars)
     if as_json:
         emit_json(report)

@@ -26,9 +26,10 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from . import export_cmds, train_cmds
+    from . import device_cmds, export_cmds, train_cmds
 
-    for cmd in (train_cmds.train, train_cmds.eval_cmd, train_cmds.predict, export_cmds.export, export_cmds.bench):
+    for cmd in (train_cmds.train, train_cmds.eval_cmd, train_cmds.predict, export_cmds.export, export_cmds.bench,
+                device_cmds.device):
         cli.add_command(cmd)
 
 

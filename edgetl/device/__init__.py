@@ -1,0 +1,7 @@
+"""The device side: NumPy + LiteRT or ONNX Runtime. Never imports TensorFlow."""
+
+from .headtrain import HeadTrainConfig
+from .learner import Learner
+from .store import SampleStore
+
+__all__ = ["HeadTrainConfig", "Learner", "SampleStore"]

@@ -1,0 +1,193 @@
+"""Head training on the device, in NumPy (float32).
+
+The head is a stack of dense layers (softmax regression, or one or more ReLU hidden layers
+then softmax; see :mod:`edgetl.head_arrays`). One step on a batch minimises
+
+    loss = sum_i w_i * CE(softmax(f(x_i)), y_i) / sum_i w_i  +  l2/2 * sum ||W||^2
+
+where ``w_i`` are class-balancing weights (``N / (C * n_c)``, or 1). SGD (with optional
+momentum) or Adam. Deterministic for a given seed. The phone's trainable TFLite head
+(``edgetl.export.trainable``) implements the same step, so both can be checked against
+each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..head_arrays import Layers, softmax
+
+
+@dataclass(frozen=True)
+class HeadTrainConfig:
+    """Hyper-parameters of on-device head training."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.0  # sgd only
+    l2: float = 1e-4
+    balance: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs and batch_size must be >= 1; received {self.epochs}, {self.batch_size}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be 'adam' or 'sgd'; received {self.optimizer!r}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0; received {self.learning_rate}")
+
+
+def class_weights(y: np.ndarray, num_classes: int, balance: bool) -> np.ndarray:
+    """Per-sample weights: N / (C_present * n_c) when balancing, else ones."""
+    if not balance:
+        return np.ones(len(y), np.float32)
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    present = int((counts > 0).sum())
+    per_class = np.where(counts > 0, len(y) / (present * np.maximum(counts, 1)), 0.0)
+    return per_class[y].astype(np.float32)
+
+
+def forward(layers: Layers, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Activations of every layer input, and the output probabilities."""
+    acts = [x]
+    h = x
+    for i, (w, b) in enumerate(layers):
+        z = h @ w + b
+        if i < len(layers) - 1:
+            h = np.maximum(z, 0.0)
+            acts.append(h)
+        else:
+            return acts, softmax(z)
+    raise AssertionError("unreachable")
+
+
+def loss_and_grads(layers: Layers, x: np.ndarray, y: np.ndarray, sw: np.ndarray, l2: float):
+    acts, p = forward(layers, x)
+    n, c = p.shape
+    norm = np.float32(sw.sum())
+    ce = -np.log(np.maximum(p[np.arange(n), y], 1e-12))
+    loss = float((sw * ce).sum() / norm) + 0.5 * l2 * sum(float((w * w).sum()) for w, _ in layers)
+    onehot = np.zeros_like(p)
+    onehot[np.arange(n), y] = 1.0
+    delta = (p - onehot) * (sw / norm)[:, None]
+    grads: list[tuple[np.ndarray, np.ndarray]] = [None] * len(layers)  # type: ignore[list-item]
+    for i in range(len(layers) - 1, -1, -1):
+        w, _ = layers[i]
+        a = acts[i]
+        gw = a.T @ delta + np.float32(l2) * w
+        gb = delta.sum(axis=0)
+        grads[i] = (gw.astype(np.float32), gb.astype(np.float32))
+        if i > 0:
+            delta = (delta @ w.T) * (acts[i] > 0)
+    return loss, grads
+
+
+class _Optimizer:
+    def __init__(self, cfg: HeadTrainConfig, layers: Layers):
+        self.cfg = cfg
+        self.t = 0
+        self.m = [(np.zeros_like(w), np.zeros_like(b)) for w, b in layers]
+        self.v = [(np.zeros_like(w), np.zeros_like(b)) for w, b in layers]
+
+    def step(self, layers: Layers, grads) -> Layers:
+        cfg = self.cfg
+        lr = np.float32(cfg.learning_rate)
+        self.t += 1
+        out = []
+        for i, ((w, b), (gw, gb)) in enumerate(zip(layers, grads)):
+            if cfg.optimizer == "sgd":
+                if cfg.momentum:
+                    mw = np.float32(cfg.momentum) * self.m[i][0] + gw
+                    mb = np.float32(cfg.momentum) * self.m[i][1] + gb
+                    self.m[i] = (mw, mb)
+                    gw, gb = mw, mb
+                out.append(((w - lr * gw).astype(np.float32), (b - lr * gb).astype(np.float32)))
+            else:
+                b1, b2, eps = np.float32(0.9), np.float32(0.999), np.float32(1e-7)
+                mw = b1 * self.m[i][0] + (1 - b1) * gw
+                mb = b1 * self.m[i][1] + (1 - b1) * gb
+                vw = b2 * self.v[i][0] + (1 - b2) * gw * gw
+                vb = b2 * self.v[i][1] + (1 - b2) * gb * gb
+                self.m[i], self.v[i] = (mw, mb), (vw, vb)
+                c1 = np.float32(1 - 0.9**self.t)
+                c2 = np.float32(1 - 0.999**self.t)
+                w = w - lr * (mw / c1) / (np.sqrt(vw / c2) + eps)
+                b = b - lr * (mb / c1) / (np.sqrt(vb / c2) + eps)
+                out.append((w.astype(np.float32), b.astype(np.float32)))
+        return out
+
+
+def epoch_orders(n: int, epochs: int, seed: int) -> list[np.ndarray]:
+    """The sample order of every epoch (shared with the TFLite trainer for parity checks)."""
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(n) for _ in range(epochs)]
+
+
+def train_head(layers: Layers, x: np.ndarray, y: np.ndarray, cfg: HeadTrainConfig) -> tuple[Layers, list[float]]:
+    """Train all layers of the head; returns the new layers and the mean loss per epoch."""
+    cfg.check()
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.int64)
+    num_classes = layers[-1][0].shape[1]
+    if len(x) == 0:
+        raise ConfigError("no training samples")
+    if y.max() >= num_classes:
+        raise ConfigError(f"label {int(y.max())} does not fit a head with {num_classes} outputs")
+    sw_all = class_weights(y, num_classes, cfg.balance)
+    layers = [(w.astype(np.float32).copy(), b.astype(np.float32).copy()) for w, b in layers]
+    opt = _Optimizer(cfg, layers)
+    history = []
+    for order in epoch_orders(len(x), cfg.epochs, cfg.seed):
+        losses = []
+        for s in range(0, len(order), cfg.batch_size):
+            idx = order[s : s + cfg.batch_size]
+            loss, grads = loss_and_grads(layers, x[idx], y[idx], sw_all[idx], cfg.l2)
+            layers = opt.step(layers, grads)
+            losses.append(loss)
+        history.append(float(np.mean(losses)))
+    return layers, history
+
+
+def add_classes(layers: Layers, x: np.ndarray, y: np.ndarray, new_ids: list[int]) -> Layers:
+    """Append output units for new classes, initialised from their mean feature.
+
+    The new unit's weights point along the class's mean (last hidden) activation, scaled to
+    the typical norm of the existing units, so it starts as a sensible prototype.
+    """
+    if not new_ids:
+        return layers
+    layers = [(w.copy(), b.copy()) for w, b in layers]
+    acts, _ = forward(layers, np.asarray(x, np.float32))
+    h = acts[-1]
+    w, b = layers[-1]
+    norms = np.linalg.norm(w, axis=0)
+    scale = float(np.median(norms)) if norms.size and np.median(norms) > 0 else 1.0
+    bias = float(np.median(b)) if b.size else 0.0
+    cols, biases = [], []
+    for c in new_ids:
+        mean = h[y == c].mean(axis=0) if (y == c).any() else np.zeros(h.shape[1], np.float32)
+        n = float(np.linalg.norm(mean))
+        cols.append(mean / n * scale if n > 0 else mean)
+        biases.append(bias)
+    w = np.concatenate([w, np.stack(cols, axis=1).astype(np.float32)], axis=1)
+    b = np.concatenate([b, np.array(biases, np.float32)])
+    layers[-1] = (w.astype(np.float32), b.astype(np.float32))
+    return layers
+
+
+def drop_classes(layers: Layers, keep: list[int]) -> Layers:
+    w, b = layers[-1]
+    return [*layers[:-1], (w[:, keep].copy(), b[keep].copy())]
+
+
+def ncm_predict(x: np.ndarray, means: np.ndarray, temperature: float = 10.0) -> np.ndarray:
+    """Nearest-class-mean by cosine similarity; scores are a softmax over similarities."""
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    mn = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    return softmax(temperature * (xn @ mn.T)).astype(np.float32)

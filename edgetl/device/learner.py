@@ -1,0 +1,235 @@
+"""The device learner: a verified bundle + a sample store + a NumPy (or TFLite) head trainer.
+
+    learner = Learner.open("models/flowers", store="state/flowers.sqlite")
+    learner.add(["a.jpg", "b.jpg"], "my_mug")      # features stored durably
+    learner.train()                                 # new head version, old one kept
+    learner.predict(["c.jpg"], top_k=3)
+    learner.rollback(1)
+
+Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .. import preprocess
+from ..bundle import Bundle, open_bundle
+from ..errors import ConfigError, DataError, StoreError
+from ..head_arrays import head_predict
+from ..metrics import top_k as top_k_labels
+from ..runtime import open_model
+from .headtrain import HeadTrainConfig, add_classes, drop_classes, ncm_predict, train_head
+from .store import SampleStore
+
+log = logging.getLogger("edgetl")
+
+
+def default_store_path(bundle: Bundle) -> Path:
+    """``$EDGETL_HOME/<bundle name>.sqlite`` (default ``~/.local/share/edgetl``)."""
+    home = os.environ.get("EDGETL_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share", "edgetl")
+    return Path(home) / f"{bundle.manifest.get('name', 'bundle')}.sqlite"
+
+
+class Learner:
+    def __init__(self, bundle: Bundle, store: SampleStore, backbone_entry: dict, runner, trainer: str = "numpy"):
+        self.bundle = bundle
+        self.store = store
+        self.backbone_entry = backbone_entry
+        self.runner = runner
+        self.spec = bundle.preprocessing
+        if trainer not in ("numpy", "tflite"):
+            raise ConfigError(f"trainer must be 'numpy' or 'tflite'; received {trainer!r}")
+        self.trainer = trainer
+        if store.active_version() is None:
+            store.save_head(list(bundle.labels), bundle.head(backbone_entry),
+                            {"origin": "bundle", "note": "the workstation head from the bundle"})
+
+    @classmethod
+    def open(cls, bundle: str | Path, store: str | Path | None = None, backend: str | None = None,
+             precision: str | None = None, threads: int | None = None, trainer: str = "numpy") -> Learner:
+        b = open_bundle(bundle)
+        entry = b.pick("backbone", backend=backend, precision=precision)
+        runner = open_model(b.path(entry), threads=threads, backend=backend)
+        store_path = Path(store) if store else default_store_path(b)
+        s = SampleStore(store_path, b.feature_dim, identity=entry["sha256"])
+        return cls(b, s, entry, runner, trainer)
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- features ---------------------------------------------------------------------------
+    def features(self, images: list[str | Path]) -> tuple[np.ndarray, list[str], list[str], list[dict]]:
+        """Backbone features of the readable images, their digests and names; {file, error} for the others."""
+        px, digests, errors, kept = [], [], [], []
+        for img in images:
+            try:
+                p, d = preprocess.load_pixels(img, self.spec.size)
+            except DataError as exc:
+                errors.append({"file": str(img), "error": str(exc)})
+                continue
+            px.append(p)
+            digests.append(d)
+            kept.append(str(img))
+        if not px:
+            return np.zeros((0, self.bundle.feature_dim), np.float32), [], [], errors
+        x = preprocess.normalize(np.stack(px), self.spec)
+        # Batch 1, as on the device: a TFLite interpreter keeps its tensors allocated.
+        feats = np.concatenate([self.runner.run(x[i : i + 1]) for i in range(len(x))])
+        return feats.astype(np.float32), digests, kept, errors
+
+    # -- the API ----------------------------------------------------------------------------
+    def add(self, images: list[str | Path], label: str, dtype: str = "float32", skip_duplicates: bool = True) -> dict:
+        """Extract and store samples of ``label`` (a new label becomes a new class at the next train).
+
+        Unreadable images are reported by name; the others are stored in one transaction.
+        """
+        label = label.strip()
+        if not label:
+            raise ConfigError("label must be a non-empty string")
+        feats, digests, kept, errors = self.features(list(images))
+        keep = [i for i, d in enumerate(digests) if not (skip_duplicates and self.store.has_sample(label, d))]
+        dupes = [kept[i] for i in range(len(kept)) if i not in keep]
+        ids = self.store.add(feats[keep], label, [kept[i] for i in keep], [digests[i] for i in keep], dtype) if keep else []
+        return {"label": label, "stored": len(ids), "ids": ids, "files": [kept[i] for i in keep],
+                "duplicates": dupes, "errors": errors}
+
+    def labels(self) -> list[str]:
+        return list(self.store.head().labels)
+
+    def _training_set(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+        index = {name: i for i, name in enumerate(labels)}
+        parts_x, parts_y = [], []
+        replay = self.bundle.replay(self.backbone_entry)
+        n_replay = 0
+        if replay is not None:
+            rx, ry = replay
+            names = [self.bundle.labels[i] for i in ry]
+            keep = [i for i, n in enumerate(names) if n in index]
+            parts_x.append(rx[keep])
+            parts_y.append(np.array([index[names[i]] for i in keep], np.int64))
+            n_replay = len(keep)
+        sx, slabels, _ = self.store.samples()
+        keep = [i for i, n in enumerate(slabels) if n in index]
+        parts_x.append(sx[keep])
+        parts_y.append(np.array([index[slabels[i]] for i in keep], np.int64))
+        x = np.concatenate(parts_x) if parts_x else np.zeros((0, self.bundle.feature_dim), np.float32)
+        y = np.concatenate(parts_y) if parts_y else np.zeros((0,), np.int64)
+        return x.astype(np.float32), y, {"replay": n_replay, "stored": len(keep)}
+
+    def train(self, config: HeadTrainConfig | None = None) -> dict:
+        """Retrain the head on replay + stored samples; store it as a new active version."""
+        cfg = config or HeadTrainConfig()
+        t0 = time.perf_counter()
+        current = self.store.head()
+        labels = list(current.labels)
+        new = [name for name in self.store.counts() if name not in labels]
+        labels_all = labels + new
+        x, y, counts = self._training_set(labels_all)
+        if len(x) == 0:
+            raise DataError("nothing to train on: no stored samples and no replay features; 'add' some photos first")
+        missing = [labels_all[c] for c in range(len(labels_all)) if not (y == c).any()]
+        layers = add_classes(current.layers, x, y, [labels_all.index(n) for n in new])
+        if self.trainer == "tflite":
+            from .tflite_trainer import train_with_tflite
+
+            layers, losses = train_with_tflite(self.bundle, layers, x, y, cfg)
+        else:
+            layers, losses = train_head(layers, x, y, cfg)
+        probs = head_predict(x, layers)
+        train_acc = float((probs.argmax(1) == y).mean())
+        info = {"origin": "train", "trainer": self.trainer, "config": asdict(cfg), "new_classes": new,
+                "classes_without_samples": missing, "num_samples": int(len(x)), **counts,
+                "train_accuracy": train_acc, "final_loss": losses[-1], "parent": current.version,
+                "seconds": round(time.perf_counter() - t0, 4)}
+        version = self.store.save_head(labels_all, layers, info)
+        return {"version": version, "labels": labels_all, **info, "losses": losses}
+
+    def predict(self, images: list[str | Path], top_k: int = 3, mode: str = "head") -> dict:
+        """Same document as ``edgetl predict --json``; ``mode='ncm'`` uses class means, no training."""
+        if mode not in ("head", "ncm"):
+            raise ConfigError(f"mode must be 'head' or 'ncm'; received {mode!r}")
+        feats, _, kept, errors = self.features(list(images))
+        if mode == "head":
+            head = self.store.head()
+            labels, probs = head.labels, head_predict(feats, head.layers) if len(feats) else np.zeros((0, 1))
+        else:
+            labels, means = self.class_means()
+            probs = ncm_predict(feats, means) if len(feats) else np.zeros((0, 1))
+        preds = []
+        tops = top_k_labels(probs, labels, top_k) if len(feats) else []
+        by_file = dict(zip(kept, tops))
+        err_by_file = {e["file"]: e["error"] for e in errors}
+        for img in images:
+            key = str(img)
+            if key in by_file:
+                t = by_file[key]
+                preds.append({"file": key, "label": t[0]["label"], "score": t[0]["score"], "top": t})
+            else:
+                preds.append({"file": key, "error": err_by_file.get(key, "not processed")})
+        return {"predictions": preds, "mode": mode, "head_version": self.store.active_version()}
+
+    def class_means(self) -> tuple[list[str], np.ndarray]:
+        """Mean feature per class: stored samples and, for the bundle's classes, replay features."""
+        labels = self.labels() + [n for n in self.store.counts() if n not in self.labels()]
+        x, y, _ = self._training_set(labels)
+        present = [c for c in range(len(labels)) if (y == c).any()]
+        if not present:
+            raise DataError("no samples to compute class means from; 'add' some photos first")
+        means = np.stack([x[y == c].mean(axis=0) for c in present])
+        return [labels[c] for c in present], means
+
+    def remove(self, label: str) -> dict:
+        """Delete the label's samples and stop predicting it (a new head version; rollback undoes it)."""
+        head = self.store.head()
+        counts = self.store.counts()
+        if label not in head.labels and label not in counts:
+            raise DataError(f"unknown label {label!r}; known: {sorted(set(head.labels) | set(counts))}")
+        deleted = self.store.remove_label(label)
+        version = head.version
+        if label in head.labels:
+            keep = [i for i, n in enumerate(head.labels) if n != label]
+            if not keep:
+                raise DataError(f"cannot remove {label!r}: it is the only class")
+            version = self.store.save_head([head.labels[i] for i in keep], drop_classes(head.layers, keep),
+                                           {"origin": "remove", "removed": label, "parent": head.version})
+        return {"label": label, "samples_deleted": deleted, "version": version}
+
+    def history(self) -> list[dict]:
+        return self.store.history()
+
+    def rollback(self, version: int | None = None) -> dict:
+        """Make an earlier head version active (default: the parent of the active one)."""
+        if version is None:
+            parent = self.store.head().info.get("parent")
+            if parent is None:
+                raise StoreError("the active head has no parent to roll back to; give a version (see 'history')")
+            version = int(parent)
+        self.store.set_active(version)
+        head = self.store.head()
+        return {"version": head.version, "labels": head.labels}
+
+    def info(self) -> dict:
+        head = self.store.head()
+        replay = self.bundle.replay(self.backbone_entry)
+        return {
+            "bundle": str(self.bundle.source),
+            "backbone_file": self.backbone_entry["file"],
+            "backbone": self.bundle.backbone_identity,
+            "backend": self.runner.backend,
+            "precision": self.backbone_entry.get("precision"),
+            "input_size": self.spec.size,
+            "feature_dim": self.bundle.feature_dim,
+            "store": str(self.store.path),
+            "head_version": head.version,
+            "labels": head.labels,
+            "samples": self.store.counts(),
+            "replay_features": 0 if replay is None else int(len(replay[1])),
+            "trainer": self.trainer,
+        }

@@ -1,0 +1,221 @@
+"""The on-device sample store: SQLite (stdlib) in WAL mode with ``synchronous=FULL``.
+
+* A sample is acknowledged only after its transaction commits; with WAL + FULL the commit is
+  on disk, so an acknowledged sample survives ``kill -9`` and power loss, and the database
+  always reopens (SQLite recovers the WAL).
+* Head versions live in the same database and are written in one transaction together with
+  the switch of the active version: a crash leaves either the old or the new head active.
+* Writers take the lock with ``BEGIN IMMEDIATE`` and wait up to ``busy_timeout`` for each
+  other; a writer that still cannot get the lock gets a :class:`StoreError`, never silent loss.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import StoreError
+from ..head_arrays import Layers, head_bytes, head_from_npz
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    label TEXT NOT NULL,
+    feature BLOB NOT NULL,
+    dtype TEXT NOT NULL,
+    source TEXT,
+    sha256 TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samples_label ON samples(label);
+CREATE TABLE IF NOT EXISTS heads (
+    version INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    labels TEXT NOT NULL,
+    weights BLOB NOT NULL,
+    info TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class HeadVersion:
+    version: int
+    created: float
+    labels: list[str]
+    layers: Layers
+    info: dict
+
+
+class SampleStore:
+    def __init__(self, path: str | Path, feature_dim: int, identity: str, busy_timeout_s: float = 30.0):
+        """Open (or create) the store; ``identity`` names the backbone file its features came from."""
+        self.path = Path(path)
+        self.feature_dim = int(feature_dim)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None)
+            self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            self.db.execute("PRAGMA synchronous = FULL")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self._write(lambda c: c.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;"), script=True)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open sample store {self.path}: {exc}") from None
+        if mode.lower() != "wal":
+            raise StoreError(f"sample store {self.path}: the file system refused WAL mode (got {mode!r})")
+        self._check_identity(identity)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _write(self, fn, script: bool = False):
+        """Run ``fn(connection)`` in one IMMEDIATE transaction (or as a script)."""
+        try:
+            if script:
+                return fn(self.db)
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(self.db)
+                self.db.execute("COMMIT")
+                return out
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreError(f"sample store {self.path} is locked by another process and stayed locked; "
+                                 "nothing was written, try again") from None
+            raise StoreError(f"sample store {self.path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"sample store {self.path}: {exc}") from None
+
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _check_identity(self, identity: str) -> None:
+        def init(c):
+            have = c.execute("SELECT key, value FROM meta").fetchall()
+            if not have:
+                c.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [
+                    ("schema_version", str(SCHEMA_VERSION)), ("backbone", identity),
+                    ("feature_dim", str(self.feature_dim)), ("created", str(time.time())),
+                ])
+            return dict(have)
+
+        meta = self._write(init) or {"backbone": identity, "feature_dim": str(self.feature_dim),
+                                     "schema_version": str(SCHEMA_VERSION)}
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise StoreError(f"sample store {self.path} has schema {meta.get('schema_version')}; expected {SCHEMA_VERSION}")
+        if meta.get("backbone") != identity or meta.get("feature_dim") != str(self.feature_dim):
+            raise StoreError(
+                f"sample store {self.path} holds features of backbone {meta.get('backbone', '?')[:16]}... "
+                f"(dim {meta.get('feature_dim')}), but this bundle's backbone is {identity[:16]}... "
+                f"(dim {self.feature_dim}); use another --store for this bundle"
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- samples ----------------------------------------------------------------------------
+    def add(self, features: np.ndarray, label: str, sources: list[str], digests: list[str],
+            dtype: str = "float32") -> list[int]:
+        """Store features of one label in one transaction; returns their ids once committed."""
+        if dtype not in ("float32", "float16"):
+            raise StoreError(f"feature dtype must be float32 or float16; received {dtype!r}")
+        feats = np.asarray(features, np.float32)
+        if feats.ndim != 2 or feats.shape[1] != self.feature_dim:
+            raise StoreError(f"features of shape {feats.shape} do not fit this store (dim {self.feature_dim})")
+        now = time.time()
+        rows = [(label, feats[i].astype(dtype).tobytes(), dtype, sources[i], digests[i], now) for i in range(len(feats))]
+
+        def insert(c):
+            ids = []
+            for r in rows:
+                cur = c.execute("INSERT INTO samples(label, feature, dtype, source, sha256, created) "
+                                "VALUES (?, ?, ?, ?, ?, ?)", r)
+                ids.append(int(cur.lastrowid))
+            return ids
+
+        return self._write(insert)
+
+    def samples(self, labels: list[str] | None = None) -> tuple[np.ndarray, list[str], list[int]]:
+        """All stored features (float32), their labels and ids, in insertion order."""
+        q = "SELECT id, label, feature, dtype FROM samples"
+        args: tuple = ()
+        if labels is not None:
+            q += f" WHERE label IN ({','.join('?' * len(labels))})"
+            args = tuple(labels)
+        rows = self.db.execute(q + " ORDER BY id", args).fetchall()
+        if not rows:
+            return np.zeros((0, self.feature_dim), np.float32), [], []
+        feats = np.stack([np.frombuffer(r[2], dtype=r[3]).astype(np.float32) for r in rows])
+        return feats, [r[1] for r in rows], [int(r[0]) for r in rows]
+
+    def ids(self) -> set[int]:
+        return {int(r[0]) for r in self.db.execute("SELECT id FROM samples")}
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT label, COUNT(*) FROM samples GROUP BY label ORDER BY MIN(id)").fetchall())
+
+    def has_sample(self, label: str, digest: str) -> bool:
+        return self.db.execute("SELECT 1 FROM samples WHERE label = ? AND sha256 = ? LIMIT 1",
+                               (label, digest)).fetchone() is not None
+
+    def remove_label(self, label: str) -> int:
+        return self._write(lambda c: c.execute("DELETE FROM samples WHERE label = ?", (label,)).rowcount)
+
+    # -- heads ------------------------------------------------------------------------------
+    def save_head(self, labels: list[str], layers: Layers, info: dict) -> int:
+        """Store a new head version and make it active, atomically."""
+        blob = head_bytes(layers)
+
+        def put(c):
+            cur = c.execute("INSERT INTO heads(created, labels, weights, info) VALUES (?, ?, ?, ?)",
+                            (time.time(), json.dumps(labels), blob, json.dumps(info)))
+            version = int(cur.lastrowid)
+            c.execute("INSERT INTO meta(key, value) VALUES ('active_head', ?) "
+                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(version),))
+            return version
+
+        return self._write(put)
+
+    def _head(self, row) -> HeadVersion:
+        with np.load(io.BytesIO(row[3]), allow_pickle=False) as z:
+            layers = head_from_npz(z)
+        return HeadVersion(int(row[0]), float(row[1]), json.loads(row[2]), layers, json.loads(row[4]))
+
+    def head(self, version: int | None = None) -> HeadVersion | None:
+        if version is None:
+            active = self._meta("active_head")
+            if active is None:
+                return None
+            version = int(active)
+        row = self.db.execute("SELECT version, created, labels, weights, info FROM heads WHERE version = ?",
+                              (version,)).fetchone()
+        if row is None:
+            raise StoreError(f"no head version {version} in {self.path}; see 'history'")
+        return self._head(row)
+
+    def active_version(self) -> int | None:
+        v = self._meta("active_head")
+        return int(v) if v is not None else None
+
+    def set_active(self, version: int) -> None:
+        self.head(version)  # raises when missing
+        self._write(lambda c: c.execute("UPDATE meta SET value = ? WHERE key = 'active_head'", (str(version),)))
+
+    def history(self) -> list[dict]:
+        active = self.active_version()
+        rows = self.db.execute("SELECT version, created, labels, info FROM heads ORDER BY version").fetchall()
+        return [{"version": int(r[0]), "created": float(r[1]), "labels": json.loads(r[2]),
+                 "info": json.loads(r[3]), "active": int(r[0]) == active} for r in rows]

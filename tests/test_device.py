@@ -1,0 +1,296 @@
+"""The device side (no TensorFlow): bundle checks, learning, crash safety, concurrency, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgetl.cli import cli
+from edgetl.device import HeadTrainConfig, Learner, SampleStore
+from edgetl.device.headtrain import class_weights, loss_and_grads, ncm_predict, train_head
+from edgetl.errors import BundleError, StoreError
+
+from .helpers import HYMENOPTERA, ROOT as ROOT_DIR
+
+pytestmark = pytest.mark.device
+
+ANTS = sorted((HYMENOPTERA / "train" / "ants").glob("*.jpg"))
+BEES = sorted((HYMENOPTERA / "train" / "bees").glob("*.jpg"))
+VAL_ANTS = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))
+VAL_BEES = sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))
+
+
+@pytest.fixture
+def learner(device_bundle, tmp_path):
+    lr = Learner.open(device_bundle, store=tmp_path / "store.sqlite", threads=1)
+    yield lr
+    lr.close()
+
+
+def test_device_import_leaves_tensorflow_out():
+    code = ("import sys, edgetl.device, edgetl.cli.device_cmds\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_opening_verifies_the_bundle(device_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(device_bundle, copy)
+    with open(copy / "head.npz", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match=r"head.npz has sha256 .* changed or damaged"):
+        Learner.open(copy, store=tmp_path / "s.sqlite")
+
+
+def test_first_open_starts_from_the_workstation_head(learner, device_bundle):
+    from edgetl.bundle import open_bundle
+
+    b = open_bundle(device_bundle)
+    info = learner.info()
+    assert info["head_version"] == 1 and info["labels"] == b.labels
+    assert info["backbone_file"] == "backbone_int8.tflite" and info["backend"] == "litert"
+    assert info["replay_features"] == 24 and info["samples"] == {}
+    for (w1, b1), (w2, b2) in zip(learner.store.head().layers, b.head(b.pick("backbone"))):
+        assert np.array_equal(w1, w2) and np.array_equal(b1, b2)
+
+
+def test_add_train_predict_learns_new_classes(learner):
+    r = learner.add(ANTS[:10], "ants")
+    assert r["stored"] == 10 and len(r["ids"]) == 10 and r["errors"] == []
+    learner.add(BEES[:10], "bees")
+    assert learner.store.counts() == {"ants": 10, "bees": 10}
+    t = learner.train(HeadTrainConfig(epochs=30, seed=0))
+    assert t["version"] == 2 and t["new_classes"] == ["ants", "bees"]
+    assert t["labels"] == ["daisy", "roses", "sunflowers", "ants", "bees"]
+    assert (t["stored"], t["replay"], t["num_samples"]) == (20, 24, 44)
+    assert t["losses"][-1] < t["losses"][0]
+    # The added photos themselves are now recognised.
+    own = learner.predict(ANTS[:10] + BEES[:10], top_k=2)["predictions"]
+    own_acc = np.mean([p["label"] == ("ants" if i < 10 else "bees") for i, p in enumerate(own)])
+    assert own_acc >= 0.9
+    # Held-out photos: the old head could never answer ants or bees; the new one does for unseen
+    # photos too. (The tiny 96-px int8 backbone is weak; full-size quality is measured in
+    # benchmarks/device.py, not here.)
+    val = learner.predict(VAL_ANTS[:15] + VAL_BEES[:15])["predictions"]
+    val_acc = np.mean([p["label"] == ("ants" if i < 15 else "bees") for i, p in enumerate(val)])
+    assert val_acc >= 0.2, val_acc
+
+
+def test_rollback_restores_the_previous_head_exactly(learner):
+    before = learner.store.head()
+    probe = ANTS[20:23]
+    p_before = learner.predict(probe)["predictions"]
+    learner.add(ANTS[:5], "ants")
+    learner.train(HeadTrainConfig(epochs=3))
+    assert learner.store.active_version() == 2
+    r = learner.rollback()
+    assert r["version"] == 1 and r["labels"] == before.labels
+    after = learner.store.head()
+    for (w1, b1), (w2, b2) in zip(before.layers, after.layers):
+        assert np.array_equal(w1, w2) and np.array_equal(b1, b2)
+    assert learner.predict(probe)["predictions"] == p_before
+    learner.rollback(2)
+    assert learner.labels()[-1] == "ants"
+    with pytest.raises(StoreError, match=r"no head version 9 in .*; see 'history'"):
+        learner.rollback(9)
+    assert [v["version"] for v in learner.history()] == [1, 2]
+    assert [v["active"] for v in learner.history()] == [False, True]
+
+
+def test_corrupt_photo_is_rejected_by_name_and_the_rest_stored(learner, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    data = ANTS[2].read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # a real photo cut off half-way
+    r = learner.add([ANTS[0], bad, ANTS[1]], "ants")
+    assert r["stored"] == 2 and r["files"] == [str(ANTS[0]), str(ANTS[1])]
+    assert len(r["errors"]) == 1 and r["errors"][0]["file"] == str(bad)
+    assert r["errors"][0]["error"].startswith(f"{bad}: cannot decode image")
+    assert learner.store.counts() == {"ants": 2}
+    again = learner.add([ANTS[0]], "ants")  # same photo, same label: not stored twice
+    assert again["stored"] == 0 and again["duplicates"] == [str(ANTS[0])]
+
+
+def test_ncm_mode_predicts_before_any_training(learner):
+    learner.add(ANTS[:8], "ants")
+    learner.add(BEES[:8], "bees")
+    assert learner.store.active_version() == 1
+    r = learner.predict(ANTS[:8] + BEES[:8], mode="ncm")
+    assert r["mode"] == "ncm" and learner.store.active_version() == 1
+    acc = np.mean([p["label"] == ("ants" if i < 8 else "bees") for i, p in enumerate(r["predictions"])])
+    assert acc >= 0.75
+    assert {t["label"] for p in r["predictions"] for t in p["top"]} <= {"daisy", "roses", "sunflowers", "ants", "bees"}
+
+
+def test_remove_stops_predicting_a_label_and_rollback_brings_it_back(learner):
+    learner.add(ANTS[:4], "ants")
+    learner.train(HeadTrainConfig(epochs=2))
+    r = learner.remove("ants")
+    assert r["samples_deleted"] == 4 and r["version"] == 3
+    assert "ants" not in learner.labels() and learner.store.counts() == {}
+    learner.rollback(2)
+    assert "ants" in learner.labels()
+    with pytest.raises(Exception, match=r"unknown label 'wasps'"):
+        learner.remove("wasps")
+
+
+def test_store_refuses_features_of_another_backbone(device_bundle, tmp_path):
+    store = tmp_path / "s.sqlite"
+    Learner.open(device_bundle, store=store, precision="int8").close()
+    with pytest.raises(StoreError, match=r"holds features of backbone .* but this bundle's backbone is .*use another --store"):
+        Learner.open(device_bundle, store=store, precision="fp32")
+
+
+def test_onnx_backend_gives_the_same_features_as_fp32_tflite(device_bundle, tmp_path):
+    a = Learner.open(device_bundle, store=tmp_path / "a.sqlite", backend="onnxruntime")
+    b = Learner.open(device_bundle, store=tmp_path / "b.sqlite", backend="litert", precision="fp32")
+    assert a.info()["backend"] == "onnxruntime" and a.backbone_entry["file"] == "backbone_fp32.onnx"
+    fa, *_ = a.features(ANTS[:3])
+    fb, *_ = b.features(ANTS[:3])
+    np.testing.assert_allclose(fa, fb, atol=1e-4)
+
+
+def _spawn(bundle, store, label, count, images):
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.device_worker", str(bundle), str(store), label, str(count), *map(str, images)],
+        cwd=ROOT_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def test_acknowledged_samples_survive_kill_9(device_bundle, tmp_path):
+    store_path = tmp_path / "crash.sqlite"
+    rng = random.Random(1234)
+    acked: set[int] = set()
+    killed_mid_run = 0
+    for trial in range(22):
+        proc = _spawn(device_bundle, store_path, f"t{trial % 3}", 10_000, ANTS[:6])
+        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+        time.sleep(rng.uniform(0.0, 0.25))
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        killed_mid_run += proc.returncode == -signal.SIGKILL
+        acked |= {int(line.split()[1]) for line in out.splitlines() if line.startswith("ACK ")}
+        # Every trial: the store reopens, is intact, and holds every acknowledged sample.
+        db = sqlite3.connect(store_path)
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        db.close()
+        s = SampleStore(store_path, 1280, identity=_backbone_sha(device_bundle))
+        missing = acked - s.ids()
+        s.close()
+        assert not missing, f"trial {trial}: acknowledged samples lost: {sorted(missing)[:10]}"
+    assert killed_mid_run == 22 and len(acked) > 22
+
+
+def _backbone_sha(bundle) -> str:
+    from edgetl.bundle import open_bundle
+
+    b = open_bundle(bundle)
+    return b.pick("backbone")["sha256"]
+
+
+def test_two_concurrent_writers_lose_nothing(device_bundle, tmp_path):
+    store_path = tmp_path / "two.sqlite"
+    Learner.open(device_bundle, store=store_path).close()  # create it first
+    procs = [_spawn(device_bundle, store_path, label, 25, imgs) for label, imgs in (("ants", ANTS[:5]), ("bees", BEES[:5]))]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    acked = [int(line.split()[1]) for out, _ in outs for line in out.splitlines() if line.startswith("ACK ")]
+    assert len(acked) == 50 and len(set(acked)) == 50
+    s = SampleStore(store_path, 1280, identity=_backbone_sha(device_bundle))
+    assert s.counts() == {"ants": 25, "bees": 25} or s.counts() == {"bees": 25, "ants": 25}
+    assert set(acked) == s.ids()
+
+
+def test_head_gradients_match_finite_differences():
+    rng = np.random.default_rng(0)
+    layers = [(rng.normal(0, 0.3, (6, 5)).astype(np.float32), rng.normal(0, 0.1, 5).astype(np.float32)),
+              (rng.normal(0, 0.3, (5, 3)).astype(np.float32), rng.normal(0, 0.1, 3).astype(np.float32))]
+    x = rng.normal(0, 1, (7, 6)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2, 2])
+    sw = class_weights(y, 3, True)
+    _, grads = loss_and_grads(layers, x, y, sw, 0.01)
+    eps = 1e-3
+    for li, (w, _) in enumerate(layers):
+        for idx in [(0, 0), (2, 1), (4, 2)]:
+            plus = [(a.astype(np.float64).copy(), b.astype(np.float64)) for a, b in layers]
+            minus = [(a.astype(np.float64).copy(), b.astype(np.float64)) for a, b in layers]
+            plus[li][0][idx] += eps
+            minus[li][0][idx] -= eps
+            lp, _ = loss_and_grads(plus, x.astype(np.float64), y, sw.astype(np.float64), 0.01)
+            lm, _ = loss_and_grads(minus, x.astype(np.float64), y, sw.astype(np.float64), 0.01)
+            assert abs((lp - lm) / (2 * eps) - grads[li][0][idx]) < 1e-3
+
+
+def test_head_training_is_deterministic_and_balanced():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (40, 8)).astype(np.float32)
+    y = np.array([0] * 30 + [1] * 10)
+    x[y == 1] += 1.5
+    layers = [(np.zeros((8, 2), np.float32), np.zeros(2, np.float32))]
+    cfg = HeadTrainConfig(epochs=15, batch_size=8, learning_rate=0.05, seed=3)
+    a, ha = train_head(layers, x, y, cfg)
+    b, hb = train_head(layers, x, y, cfg)
+    assert ha == hb and np.array_equal(a[0][0], b[0][0])
+    np.testing.assert_allclose(class_weights(y, 2, True), [40 / 60] * 30 + [40 / 20] * 10, rtol=1e-6)
+    c, _ = train_head(layers, x, y, HeadTrainConfig(epochs=15, batch_size=8, learning_rate=0.05, seed=4))
+    assert not np.array_equal(a[0][0], c[0][0])
+
+
+def test_ncm_scores_prefer_the_nearest_mean():
+    means = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    p = ncm_predict(np.array([[0.9, 0.1], [0.2, 0.8]], np.float32), means)
+    assert p.argmax(1).tolist() == [0, 1] and np.allclose(p.sum(1), 1.0)
+
+
+def test_device_cli_round_trip_json(device_bundle, tmp_path):
+    runner = CliRunner()
+    base = ["device", "--bundle", str(device_bundle), "--store", str(tmp_path / "cli.sqlite"), "--threads", "1"]
+    r = runner.invoke(cli, [*base, "info", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["head_version"] == 1
+    r = runner.invoke(cli, [*base, "add", "--label", "ants", *map(str, ANTS[:4]), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["stored"] == 4
+    r = runner.invoke(cli, [*base, "train", "--epochs", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["version"] == 2
+    r = runner.invoke(cli, [*base, "predict", str(ANTS[0]), "--top-k", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    pred = json.loads(r.stdout)["predictions"][0]
+    assert set(pred) == {"file", "label", "score", "top"} and len(pred["top"]) == 2
+    assert pred["label"] == pred["top"][0]["label"]
+    r = runner.invoke(cli, [*base, "history", "--json"])
+    assert [v["version"] for v in json.loads(r.stdout)["versions"]] == [1, 2]
+    r = runner.invoke(cli, [*base, "rollback", "1", "--json"])
+    assert json.loads(r.stdout)["version"] == 1
+    r = runner.invoke(cli, [*base, "remove", "ants", "--json"])
+    assert json.loads(r.stdout)["samples_deleted"] == 4
+    r = runner.invoke(cli, [*base, "add", "--label", "x", str(tmp_path / "missing.jpg")])
+    assert r.exit_code == 1 and "missing.jpg: no such file" in r.output
+    r = runner.invoke(cli, ["device", "--bundle", str(tmp_path / "nope"), "info"])
+    assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_edgetl_device_entry_point_runs_without_tensorflow(device_bundle, tmp_path):
+    exe = Path(sys.executable).with_name("edgetl-device")
+    if not exe.exists():
+        pytest.skip("edgetl-device is not installed in this environment")
+    out = subprocess.run([str(exe), "--bundle", str(device_bundle), "--store", str(tmp_path / "e.sqlite"), "info",
+                          "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["feature_dim"] == 1280
