@@ -22,7 +22,8 @@ from edgetl.device import HeadTrainConfig, Learner, SampleStore
 from edgetl.device.headtrain import class_weights, loss_and_grads, ncm_predict, train_head
 from edgetl.errors import BundleError, StoreError
 
-from .helpers import HYMENOPTERA, ROOT as ROOT_DIR
+from .helpers import HYMENOPTERA
+from .helpers import ROOT as ROOT_DIR
 
 pytestmark = pytest.mark.device
 
@@ -226,7 +227,7 @@ def test_head_gradients_match_finite_differences():
     sw = class_weights(y, 3, True)
     _, grads = loss_and_grads(layers, x, y, sw, 0.01)
     eps = 1e-3
-    for li, (w, _) in enumerate(layers):
+    for li in range(len(layers)):
         for idx in [(0, 0), (2, 1), (4, 2)]:
             plus = [(a.astype(np.float64).copy(), b.astype(np.float64)) for a, b in layers]
             minus = [(a.astype(np.float64).copy(), b.astype(np.float64)) for a, b in layers]

@@ -67,19 +67,12 @@ class Learner:
     # -- features ---------------------------------------------------------------------------
     def features(self, images: list[str | Path]) -> tuple[np.ndarray, list[str], list[str], list[dict]]:
         """Backbone features of the readable images, their digests and names; {file, error} for the others."""
-        px, digests, errors, kept = [], [], [], []
-        for img in images:
-            try:
-                p, d = preprocess.load_pixels(img, self.spec.size)
-            except DataError as exc:
-                errors.append({"file": str(img), "error": str(exc)})
-                continue
-            px.append(p)
-            digests.append(d)
-            kept.append(str(img))
-        if not px:
+        x, digests, bad = preprocess.load_batch(list(images), self.spec)
+        bad_paths = {b[0] for b in bad}
+        kept = [str(p) for p in images if str(p) not in bad_paths]
+        errors = [{"file": path, "error": reason} for path, reason in bad]
+        if not kept:
             return np.zeros((0, self.bundle.feature_dim), np.float32), [], [], errors
-        x = preprocess.normalize(np.stack(px), self.spec)
         # Batch 1, as on the device: a TFLite interpreter keeps its tensors allocated.
         feats = np.concatenate([self.runner.run(x[i : i + 1]) for i in range(len(x))])
         return feats.astype(np.float32), digests, kept, errors
