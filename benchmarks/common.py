@@ -1,0 +1,43 @@
+"""Shared by the benchmark scripts: paths to ../shared and JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EDGETL_SHARED", ROOT.parent / "shared")).resolve()
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def offline_keras_cache() -> None:
+    """Point KERAS_HOME at a cache filled from shared/weights/keras unless one is set."""
+    if "KERAS_HOME" in os.environ:
+        return
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="edgetl-bench-keras-"))
+    (home / "models").mkdir()
+    for f in (SHARED / "weights/keras").glob("*.h5"):
+        os.symlink(f, home / "models" / f.name)
+    os.environ["KERAS_HOME"] = str(home)
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def write_json(name: str, obj: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **obj}, indent=2) + "\n")
+    return path
+
+
+def table(columns: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in rows)])

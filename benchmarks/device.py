@@ -1,0 +1,146 @@
+"""On-device benchmark: quality of personalization, and speed and memory with 1 thread.
+
+Quality (LiteRT, int8 backbone): add 10 ants and 10 bees from hymenoptera/train as new
+classes, retrain with the defaults, then score the new classes on hymenoptera/val (7-way)
+and the flower classes on flowers/test, before and after.
+
+Speed and memory, LiteRT and ONNX Runtime side by side, each in a fresh process, 1 thread:
+backbone p50/p95 per image, ``add`` per image (one photo per call, decode to commit),
+retraining on 500 stored samples for 20 epochs, cold start (new process to first prediction),
+peak RSS (VmHWM).
+
+    python benchmarks/device.py --run runs/flowers          # exports the bundle first (TensorFlow)
+    python benchmarks/device.py --bundle models/flowers     # device side only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, SHARED, table, write_json  # noqa: E402
+
+HYM = SHARED / "datasets/hymenoptera"
+FLOWERS = SHARED / "datasets/flowers"
+BACKENDS = {"litert": "tflite", "onnxruntime": "onnx"}
+
+
+def photos(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".jpg")
+
+
+def quality(bundle: Path, per_class: int) -> dict:
+    from edgetl.device import Learner
+
+    learner = Learner.open(bundle, store=Path(tempfile.mkdtemp()) / "q.sqlite", backend="litert", precision="int8")
+    flower_labels = learner.labels()
+    test = [(p, c) for c in flower_labels for p in photos(FLOWERS / "test" / c)]
+    val = [(p, c) for c in ("ants", "bees") for p in photos(HYM / "val" / c)]
+
+    def acc(items, mode="head"):
+        preds = learner.predict([p for p, _ in items], mode=mode)["predictions"]
+        return float(np.mean([pr.get("label") == c for pr, (_, c) in zip(preds, items)]))
+
+    before = acc(test)
+    learner.add(photos(HYM / "train" / "ants")[:per_class], "ants")
+    learner.add(photos(HYM / "train" / "bees")[:per_class], "bees")
+    r = learner.train()
+    out = {"flowers_test_before": before, "flowers_test_after": acc(test), "new_classes_val": acc(val),
+           "ncm_new_classes_val": acc(val, "ncm"), "ncm_flowers_test": acc(test, "ncm"),
+           "train_seconds": r["seconds"], "samples": r["num_samples"], "per_class": per_class}
+    out["flowers_drop_points"] = round(100 * (before - out["flowers_test_after"]), 2)
+    learner.close()
+    return out
+
+
+WORKER = r"""
+import json, sys, time, tempfile
+t_start = float(sys.argv[3])
+from pathlib import Path
+import numpy as np
+from edgetl.device import Learner, HeadTrainConfig
+from edgetl.benchmark import peak_rss_mb
+from edgetl import preprocess
+bundle, backend = sys.argv[1], sys.argv[2]
+photos = [Path(p) for p in json.loads(sys.argv[4])]
+store = Path(tempfile.mkdtemp()) / "s.sqlite"
+L = Learner.open(bundle, store=store, backend=backend, precision="int8", threads=1)
+L.predict([photos[0]])
+cold = time.time() - t_start
+x = preprocess.normalize(preprocess.load_pixels(photos[0], L.spec.size)[0][None], L.spec)
+for _ in range(5):
+    L.runner.run(x)
+bb = []
+for _ in range(50):
+    t = time.perf_counter(); L.runner.run(x); bb.append(time.perf_counter() - t)
+add = []
+for p in photos[1:31]:
+    t = time.perf_counter(); L.add([p], "bench"); add.append(time.perf_counter() - t)
+L.store.remove_label("bench")
+feats, digests, kept, _ = L.features(photos[:100])
+for i in range(5):
+    L.store.add(feats, f"c{i}", kept, digests)
+t = time.perf_counter(); r = L.train(HeadTrainConfig(epochs=20)); train_s = time.perf_counter() - t
+print(json.dumps({"backend": L.runner.backend, "file": L.backbone_entry["file"], "cold_start_s": cold,
+                  "backbone_p50_ms": 1000 * float(np.percentile(bb, 50)), "backbone_p95_ms": 1000 * float(np.percentile(bb, 95)),
+                  "add_p50_ms": 1000 * float(np.percentile(add, 50)), "add_p95_ms": 1000 * float(np.percentile(add, 95)),
+                  "retrain_500x20_s": train_s, "retrain_samples": r["num_samples"] - r["replay"], "peak_rss_mb": peak_rss_mb()}))
+"""
+
+
+def speed(bundle: Path, backend: str) -> dict:
+    pool = photos(FLOWERS / "train" / "daisy") + photos(FLOWERS / "train" / "roses")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", WORKER, str(bundle), backend, repr(t0),
+                          json.dumps([str(p) for p in pool[:120]])], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["add_over_backbone"] = r["add_p50_ms"] / r["backbone_p50_ms"]
+    return r
+
+
+def export_bundle(run: Path, out: Path) -> Path:
+    from edgetl.export import export_run
+
+    export_run(run, out, targets=["tflite:int8", "onnx:int8"], roles=("backbone",), replay_per_class=20, force=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", type=Path, default=None, help="device bundle with int8 TFLite and ONNX backbones")
+    p.add_argument("--run", type=Path, default=None, help="run folder to export the bundle from (needs TensorFlow)")
+    p.add_argument("--per-class", type=int, default=10)
+    a = p.parse_args()
+    bundle = a.bundle or RESULTS / "device_bundle"
+    if a.run is not None:
+        export_bundle(a.run, bundle)
+    q = quality(bundle, a.per_class)
+    s = [speed(bundle, b) for b in BACKENDS]
+    print("quality (LiteRT int8 backbone, default retrain):")
+    print(table(["metric", "value"], [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in q.items()]))
+    print()
+    cols = ["backend", "backbone p50 ms", "p95 ms", "add p50 ms", "add/backbone", "retrain 500x20 s",
+            "cold start s", "peak RSS MB"]
+    rows = [[r["backend"], f"{r['backbone_p50_ms']:.2f}", f"{r['backbone_p95_ms']:.2f}", f"{r['add_p50_ms']:.2f}",
+             f"{r['add_over_backbone']:.2f}", f"{r['retrain_500x20_s']:.3f}", f"{r['cold_start_s']:.2f}",
+             f"{r['peak_rss_mb']:.0f}"] for r in s]
+    print("speed and memory (1 thread, fresh process each):")
+    print(table(cols, rows))
+    path = write_json("device", {"bundle": str(bundle), "quality": q, "speed": s})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
