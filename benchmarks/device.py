@@ -113,8 +113,45 @@ def speed(bundle: Path, backend: str) -> dict:
 def export_bundle(run: Path, out: Path) -> Path:
     from edgetl.export import export_run
 
-    export_run(run, out, targets=["tflite:int8", "onnx:int8"], roles=("backbone",), replay_per_class=20, force=True)
+    export_run(run, out, targets=["tflite:int8", "onnx:int8", "tflite-trainable"], roles=("backbone",),
+               replay_per_class=20, force=True)
     return out
+
+
+def trainer_steps(bundle: Path, repeats: int = 200) -> list[dict]:
+    """ms per training step, batch 1 and 32: the TFLite trainable head vs the NumPy trainer (1 thread)."""
+    from edgetl.bundle import open_bundle
+    from edgetl.device.headtrain import HeadTrainConfig, _Optimizer, class_weights, loss_and_grads
+    from edgetl.device.tflite_trainer import TFLiteTrainableHead
+
+    b = open_bundle(bundle)
+    entry = b.pick("trainable_head")
+    layers = b.head()
+    head = TFLiteTrainableHead(b.path(entry), threads=1)
+    head.restore(layers)
+    opt = entry["optimizer"]
+    cfg = HeadTrainConfig(optimizer="sgd", learning_rate=opt["learning_rate"], l2=opt["l2"], balance=False)
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in (1, 32):
+        x = rng.uniform(0, 6, (batch, b.feature_dim)).astype(np.float32)
+        y = rng.integers(0, len(b.labels), batch)
+        times = {"tflite": [], "numpy": []}
+        np_layers = [(w.copy(), c.copy()) for w, c in layers]
+        o = _Optimizer(cfg, np_layers)
+        sw = class_weights(y, len(b.labels), False)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            head.train_step(x, y)
+            times["tflite"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            _, g = loss_and_grads(np_layers, x, y, sw, cfg.l2)
+            np_layers = o.step(np_layers, g)
+            times["numpy"].append(time.perf_counter() - t)
+        for name, ts in times.items():
+            rows.append({"trainer": name, "batch": batch, "p50_ms": 1000 * float(np.percentile(ts, 50)),
+                         "p95_ms": 1000 * float(np.percentile(ts, 95))})
+    return rows
 
 
 def main() -> None:
@@ -128,6 +165,8 @@ def main() -> None:
         export_bundle(a.run, bundle)
     q = quality(bundle, a.per_class)
     s = [speed(bundle, b) for b in BACKENDS]
+    os.environ["OMP_NUM_THREADS"] = "1"
+    steps = trainer_steps(bundle)
     print("quality (LiteRT int8 backbone, default retrain):")
     print(table(["metric", "value"], [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in q.items()]))
     print()
@@ -138,7 +177,11 @@ def main() -> None:
              f"{r['peak_rss_mb']:.0f}"] for r in s]
     print("speed and memory (1 thread, fresh process each):")
     print(table(cols, rows))
-    path = write_json("device", {"bundle": str(bundle), "quality": q, "speed": s})
+    print()
+    print("head training step (1 thread):")
+    print(table(["trainer", "batch", "p50 ms", "p95 ms"],
+                [[r["trainer"], r["batch"], f"{r['p50_ms']:.3f}", f"{r['p95_ms']:.3f}"] for r in steps]))
+    path = write_json("device", {"bundle": str(bundle), "quality": q, "speed": s, "trainer_steps": steps})
     print(f"wrote {path}")
 
 

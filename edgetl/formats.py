@@ -47,6 +47,17 @@ FORMATS: dict[str, Format] = {
         description="ONNX for ONNX Runtime: float32 (tf2onnx), or int8 QDQ static quantization calibrated "
         "on training photos",
     ),
+    "tflite-trainable": Format(
+        name="tflite-trainable",
+        suffix=".tflite",
+        precisions=("fp32",),
+        default_precisions=("fp32",),
+        runtime="litert",
+        module="edgetl.export.trainable",
+        roles=("trainable_head",),
+        description="head-only TFLite model with infer/train/save/restore signatures, TFLite builtins only "
+        "(trains on a phone in stock LiteRT)",
+    ),
 }
 
 # Device preference when a bundle holds several files of one role.

@@ -77,3 +77,18 @@ def head_logits(x: np.ndarray, layers: Layers) -> np.ndarray:
 
 def head_predict(x: np.ndarray, layers: Layers) -> np.ndarray:
     return softmax(head_logits(x, layers))
+
+
+def pad_to_slots(layers: Layers, max_classes: int, live: int | None = None) -> tuple[Layers, np.ndarray]:
+    """Pad the last layer to ``max_classes`` outputs with zeros; the mask marks the ``live`` slots."""
+    w, b = layers[-1]
+    live = w.shape[1] if live is None else live
+    if max_classes < w.shape[1]:
+        raise ModelError(f"a head with {w.shape[1]} outputs does not fit {max_classes} slots")
+    wp = np.zeros((w.shape[0], max_classes), np.float32)
+    wp[:, : w.shape[1]] = w
+    bp = np.zeros(max_classes, np.float32)
+    bp[: w.shape[1]] = b
+    mask = np.zeros(max_classes, np.float32)
+    mask[:live] = 1.0
+    return [*[(a.astype(np.float32), c.astype(np.float32)) for a, c in layers[:-1]], (wp, bp)], mask

@@ -18,7 +18,7 @@ FLOWERS = SHARED / "datasets/flowers"
 HYMENOPTERA = SHARED / "datasets/hymenoptera"
 CORAL = SHARED / "weights/coral"
 TINY_CLASSES = ["daisy", "roses", "sunflowers"]
-DEVICE_TARGETS = ["tflite:int8+fp32", "onnx:fp32"]
+DEVICE_TARGETS = ["tflite:int8+fp32", "onnx:fp32", "tflite-trainable"]
 
 
 def copy_photos(src_root: Path, dst_root: Path, classes: list[str], per_class: int, offset: int = 0) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ def test_run_folder_contents(tiny_run):
     assert run["backbone"]["feature_dim"] == 1280 and run["backbone"]["input_size"] == 96
     assert run["preprocessing"]["scale"] == pytest.approx(1 / 127.5) and run["preprocessing"]["offset"] == [-1, -1, -1]
     assert len(run["train_files"]) == 24 and len(run["val_files"]) == 12
+    assert Path(run["data"]["train_dir"]).is_absolute() and Path(run["data"]["val_dir"]).is_absolute()
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert np.array(metrics["confusion_matrix"]).sum() == 12
     assert set(metrics["per_class"]) == {"daisy", "roses", "sunflowers"}

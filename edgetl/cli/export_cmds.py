@@ -29,6 +29,12 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
               help="Fail when an int8 file's accuracy is more than this many points below Keras.")
 @click.option("--replay-per-class", type=click.IntRange(min=0), default=20, show_default=True,
               help="Replay features per class shipped for on-device retraining.")
+@click.option("--max-classes", type=click.IntRange(min=1), default=None,
+              help="tflite-trainable: output slots, so a phone can add classes (default: classes + 8).")
+@click.option("--trainable-lr", type=float, default=0.01, show_default=True,
+              help="tflite-trainable: SGD learning rate of its train() signature.")
+@click.option("--trainable-l2", type=float, default=1e-4, show_default=True,
+              help="tflite-trainable: L2 weight decay of its train() signature.")
 @click.option("--no-refit-head", is_flag=True,
               help="Keep the float head for int8 files instead of re-fitting it on the quantized backbone's features.")
 @click.option("--no-verify", is_flag=True, help="Skip running every file against Keras on the validation photos.")
@@ -37,8 +43,8 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
 @threads_option
 @json_option
 @handle_errors
-def export(run_dir, out, targets, roles, io, calibration_images, max_drop, replay_per_class, no_refit_head, no_verify,
-           make_zip, force, threads, as_json):
+def export(run_dir, out, targets, roles, io, calibration_images, max_drop, replay_per_class, max_classes, trainable_lr,
+           trainable_l2, no_refit_head, no_verify, make_zip, force, threads, as_json):
     """Export RUN_DIR to a bundle: TFLite/ONNX files, head, labels, manifest.
 
     Every file is checked for the tensor types asked for and, unless --no-verify, run in its
@@ -54,7 +60,8 @@ def export(run_dir, out, targets, roles, io, calibration_images, max_drop, repla
         report = export_run(run_dir, out, targets=list(targets), roles=tuple(roles), io=io,
                             calibration_images=calibration_images, verify=not no_verify, max_drop=max_drop,
                             replay_per_class=replay_per_class, make_zip=make_zip, force=force, threads=threads,
-                            refit_head=not no_refit_head,
+                            refit_head=not no_refit_head, max_classes=max_classes, trainable_lr=trainable_lr,
+                            trainable_l2=trainable_l2,
                             progress=bars)
     if as_json:
         emit_json(report)

@@ -118,7 +118,12 @@ class Learner:
 
     def train(self, config: HeadTrainConfig | None = None) -> dict:
         """Retrain the head on replay + stored samples; store it as a new active version."""
-        cfg = config or HeadTrainConfig()
+        if self.trainer == "tflite":
+            from .tflite_trainer import config_for, train_with_tflite
+
+            cfg = config or config_for(self.bundle.pick("trainable_head"))
+        else:
+            cfg = config or HeadTrainConfig()
         t0 = time.perf_counter()
         current = self.store.head()
         labels = list(current.labels)
@@ -130,8 +135,6 @@ class Learner:
         missing = [labels_all[c] for c in range(len(labels_all)) if not (y == c).any()]
         layers = add_classes(current.layers, x, y, [labels_all.index(n) for n in new])
         if self.trainer == "tflite":
-            from .tflite_trainer import train_with_tflite
-
             layers, losses = train_with_tflite(self.bundle, layers, x, y, cfg)
         else:
             layers, losses = train_head(layers, x, y, cfg)

@@ -12,6 +12,9 @@ import numpy as np
 class ExportOptions:
     io: str = "int8"  # int8 | uint8 | float: I/O type of full-integer TFLite files
     opset: int = 17  # ONNX opset
+    max_classes: int | None = None  # tflite-trainable: output slots (default: the classes + 8)
+    train_lr: float = 0.01  # tflite-trainable: SGD learning rate baked into train()
+    train_l2: float = 1e-4  # tflite-trainable: L2 baked into train()
 
 
 @dataclass
@@ -26,6 +29,7 @@ class ExportSource:
     workdir: Path
     calibration: np.ndarray  # float32, preprocessed training photos
     metadata: dict[str, str] = field(default_factory=dict)
+    head: list | None = None  # the head's (W, b) layers, for head-only formats
     _saved_model: Path | None = None
 
     def saved_model(self) -> Path:

@@ -111,6 +111,9 @@ def export_run(
     make_zip: bool = False,
     force: bool = False,
     refit_head: bool = True,
+    max_classes: int | None = None,
+    trainable_lr: float = 0.01,
+    trainable_l2: float = 1e-4,
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -158,8 +161,9 @@ def export_run(
         }
         entries: list[dict] = []
         verification: list[dict] = []
-        options = ExportOptions(io=io)
-        total = len(parsed) * len(roles)
+        options = ExportOptions(io=io, max_classes=max_classes or len(run.labels) + 8, train_lr=trainable_lr,
+                                train_l2=trainable_l2)
+        total = sum(1 if f.roles == ("trainable_head",) else len(roles) for f, _ in parsed)
         done = 0
         sources = {r: ExportSource(r, models[r], work, x_cal[:calibration_images], {**metadata, "role": r})
                    for r in ("backbone", "classifier")}
@@ -167,6 +171,13 @@ def export_run(
         for fmt, precision in parsed:
             module = importlib.import_module(fmt.module)
             target_head = head_layers
+            if fmt.roles == ("trainable_head",):
+                name = file_name("trainable_head", fmt, precision)
+                src = ExportSource("trainable_head", None, work, x_cal[:0], metadata, head=head_layers)
+                info = module.export(src, staging / name, precision, options)
+                entries.append((name, {"role": "trainable_head", "format": "tflite", "precision": precision,
+                                       "runtime": fmt.runtime, **info}))
+                continue
             # The backbone first: a quantized one may get its own re-fitted head (see refit_head).
             needs_backbone = "backbone" in roles or (refit_head and precision in REFIT_PRECISIONS)
             for role in [r for r in ("backbone", "classifier") if r in roles or (r == "backbone" and needs_backbone)]:

@@ -268,7 +268,9 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
                     "replicas": int(strategy.num_replicas_in_sync)},
         "timings_s": {"features": round(t_features, 3), "head": round(t_head, 3),
                       "fine_tune": round(t_fine, 3), "total": None},
-        "data": {"train_dir": str(Path(cfg.data_dir)), "val_dir": str(Path(cfg.val_dir)) if cfg.val_dir else None,
+        # Absolute: export and eval may run from another working directory.
+        "data": {"train_dir": str(Path(cfg.data_dir).resolve()),
+                 "val_dir": str(Path(cfg.val_dir).resolve()) if cfg.val_dir else None,
                  "val_split": None if cfg.val_dir else cfg.val_split, "split_seed": cfg.split_seed},
     }
     _write_run(out, cfg, summary, classifier, layers, history_rows, report, tr, va)
