@@ -96,3 +96,17 @@ def test_cli_rejects_bad_hidden_sizes():
     res = CliRunner().invoke(cli, ["train", "x", "--hidden", "12,abc"])
     assert res.exit_code == 2
     assert "expected layer sizes such as '512' or '512,128'; received '12,abc'" in res.output
+
+
+def test_demo_runs_the_whole_slice(tiny_data, tmp_path):
+    res = CliRunner().invoke(cli, ["demo", "--data", str(tiny_data["train"]), "--out", str(tmp_path / "demo"),
+                                   "--per-class", "8", "--new-shots", "4", *TINY_ARGS])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert [line[:3] for line in lines[:4]] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "'sunflowers' is kept for the device" in lines[0]
+    assert "added 4 photos of 'sunflowers'" in lines[3]
+    assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
+    assert (tmp_path / "demo" / "device" / "store.sqlite").is_file()
+    res = CliRunner().invoke(cli, ["demo", "--data", str(tiny_data["train"]), "--out", str(tmp_path / "demo")])
+    assert res.exit_code == 1 and "is not empty" in res.output

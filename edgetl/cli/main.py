@@ -21,6 +21,7 @@ def cli(verbose: bool) -> None:
                   edgetl export RUN_DIR --out models/NAME
                   edgetl bench RUN_OR_BUNDLE DATA_DIR
     Device:       edgetl device --help   (needs only edgetl[device])
+    All of it:    edgetl demo [--data PHOTOS]
     """
     setup_logging(verbose)
 
@@ -29,7 +30,7 @@ def _register() -> None:
     from . import device_cmds, export_cmds, train_cmds
 
     for cmd in (train_cmds.train, train_cmds.eval_cmd, train_cmds.predict, export_cmds.export, export_cmds.bench,
-                device_cmds.device):
+                device_cmds.device, train_cmds.demo):
         cli.add_command(cmd)
 
 

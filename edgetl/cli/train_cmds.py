@@ -170,3 +170,36 @@ def predict(model, images, labels, backend, precision, threads, top_k, as_json):
                 click.echo(f"{p['file']}: {p['label']} ({p['score']:.3f})" + (f"  [{rest}]" if rest else ""))
     if any("error" in p for p in result["predictions"]):
         raise SystemExit(1)
+
+
+@click.command()
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Photo folder, one sub-folder per class (default: TensorFlow's flower_photos, downloaded once).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
+@click.option("--holdout", default=None, help="The class the device learns later (default: the last class).")
+@click.option("--per-class", type=click.IntRange(min=2), default=60, show_default=True,
+              help="Photos per class for the workstation training.")
+@click.option("--new-shots", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Photos of the held-out class added on the device.")
+@click.option("--alpha", type=float, default=1.0, show_default=True)
+@click.option("--size", type=int, default=224, show_default=True)
+@click.option("--weights", default="imagenet", show_default=True)
+@json_option
+@handle_errors
+def demo(data, out, holdout, per_class, new_shots, alpha, size, weights, as_json):
+    """The whole slice: train, export int8, and teach the device a new class.
+
+    One class of the photo folder is held out; the workstation trains on the others, exports
+    an int8 bundle, and the device side (no TensorFlow) learns the held-out class from a few
+    photos, printing what happened at each step.
+    """
+    quiet_tensorflow()
+    from ..demo import run_demo
+
+    say = (lambda s: None) if as_json else click.echo
+    result = run_demo(out, data=data, holdout=holdout, per_class=per_class, new_shots=new_shots, alpha=alpha,
+                      size=size, weights=weights, say=say)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"done in {result['seconds']:.0f} s; everything is under {result['out']}")

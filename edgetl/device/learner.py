@@ -65,17 +65,23 @@ class Learner:
         self.store.close()
 
     # -- features ---------------------------------------------------------------------------
-    def features(self, images: list[str | Path]) -> tuple[np.ndarray, list[str], list[str], list[dict]]:
-        """Backbone features of the readable images, their digests and names; {file, error} for the others."""
-        x, digests, bad = preprocess.load_batch(list(images), self.spec)
-        bad_paths = {b[0] for b in bad}
-        kept = [str(p) for p in images if str(p) not in bad_paths]
-        errors = [{"file": path, "error": reason} for path, reason in bad]
-        if not kept:
+    def features(self, images: list[str | Path], chunk: int = 16) -> tuple[np.ndarray, list[str], list[str], list[dict]]:
+        """Backbone features of the readable images, their digests and names; {file, error} for the others.
+
+        Photos are decoded ``chunk`` at a time, so memory stays flat however many are passed.
+        """
+        feats, digests, kept, errors = [], [], [], []
+        for part in preprocess.iter_chunks(list(images), chunk):
+            x, d, bad = preprocess.load_batch(list(part), self.spec)
+            bad_paths = {b[0] for b in bad}
+            kept += [str(p) for p in part if str(p) not in bad_paths]
+            digests += d
+            errors += [{"file": path, "error": reason} for path, reason in bad]
+            # Batch 1, as on the device: a TFLite interpreter keeps its tensors allocated.
+            feats += [self.runner.run(x[i : i + 1]) for i in range(len(x))]
+        if not feats:
             return np.zeros((0, self.bundle.feature_dim), np.float32), [], [], errors
-        # Batch 1, as on the device: a TFLite interpreter keeps its tensors allocated.
-        feats = np.concatenate([self.runner.run(x[i : i + 1]) for i in range(len(x))])
-        return feats.astype(np.float32), digests, kept, errors
+        return np.concatenate(feats).astype(np.float32), digests, kept, errors
 
     # -- the API ----------------------------------------------------------------------------
     def add(self, images: list[str | Path], label: str, dtype: str = "float32", skip_duplicates: bool = True) -> dict:
