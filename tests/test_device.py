@@ -285,6 +285,8 @@ def test_device_cli_round_trip_json(device_bundle, tmp_path):
     assert r.exit_code == 1 and "missing.jpg: no such file" in r.output
     r = runner.invoke(cli, ["device", "--bundle", str(tmp_path / "nope"), "info"])
     assert r.exit_code == 1 and "does not exist" in r.output
+    r = runner.invoke(cli, ["device", "info"], env={"EDGETL_BUNDLE": ""})
+    assert r.exit_code == 2 and "Missing option '--bundle' (or the EDGETL_BUNDLE environment variable)" in r.output
 
 
 def test_edgetl_device_entry_point_runs_without_tensorflow(device_bundle, tmp_path):

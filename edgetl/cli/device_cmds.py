@@ -11,8 +11,8 @@ from .common import emit_json, handle_errors, json_option, print_table, setup_lo
 
 
 @click.group()
-@click.option("--bundle", envvar="EDGETL_BUNDLE", type=click.Path(path_type=Path), required=True,
-              help="Bundle folder or .zip (env EDGETL_BUNDLE).")
+@click.option("--bundle", envvar="EDGETL_BUNDLE", type=click.Path(path_type=Path), default=None,
+              help="Bundle folder or .zip (env EDGETL_BUNDLE). Required by every command.")
 @click.option("--store", envvar="EDGETL_STORE", type=click.Path(path_type=Path), default=None,
               help="Sample store file (env EDGETL_STORE; default $EDGETL_HOME/<bundle name>.sqlite).")
 @click.option("--backend", type=click.Choice(["litert", "tflite_runtime", "onnxruntime"]), default=None,
@@ -39,6 +39,9 @@ def _learner(ctx):
     from ..device import Learner
 
     o = ctx.obj
+    if o["bundle"] is None:
+        raise click.UsageError("Missing option '--bundle' (or the EDGETL_BUNDLE environment variable): "
+                               "the bundle folder or .zip written by 'edgetl export'", ctx=ctx)
     return Learner.open(o["bundle"], store=o["store"], backend=o["backend"], precision=o["precision"],
                         threads=o["threads"], trainer=o["trainer"])
 
