@@ -140,7 +140,11 @@ def bench(
         keras_acc = float((keras_pred == data[1]).mean())
         rows.append({"format": "keras", "precision": "fp32", "status": "ok", "accuracy": keras_acc,
                      "num_images": int(len(data[1])), "diff_points": 0.0, "agreement": 1.0})
-        wanted = parse_targets(targets or [f"{n}:all" for n in FORMATS])
+        wanted = parse_targets(targets or [f"{n}:all" for n, f in FORMATS.items() if "classifier" in f.roles])
+        heads_only = [f"{f.name}:{p}" for f, p in wanted if "classifier" not in f.roles]
+        if heads_only:
+            raise EdgetlError(f"bench measures image classifiers; {', '.join(heads_only)} is not one "
+                              "(its training steps are timed by benchmarks/device.py)")
         work = Path(tempfile.mkdtemp(prefix="edgetl-bench-"))
         items = []
         for fmt, precision in wanted:

@@ -50,7 +50,8 @@ def test_every_format_and_precision_is_in_the_bundle(tiny_bundle):
     out, report = tiny_bundle
     b = open_bundle(out)
     got = {(e["role"], e["format"], e["precision"]) for e in b.files if e["role"] in ("classifier", "backbone")}
-    want = {(r, f.name, p) for f in FORMATS.values() for p in f.precisions for r in ("classifier", "backbone")}
+    want = {(r, f.name, p) for f in FORMATS.values() if "classifier" in f.roles for p in f.precisions
+            for r in ("classifier", "backbone")}
     assert got == want
     assert len(report["files"]) == len(want)
     assert b.labels == ["daisy", "roses", "sunflowers"]
@@ -258,12 +259,18 @@ def test_coral_uint8_model_names_the_photos():
     assert m.output.shape[-1] == 1001
 
 
+def test_bench_refuses_a_head_only_format(tiny_run, tiny_data):
+    res = CliRunner().invoke(cli, ["bench", str(tiny_run), str(tiny_data["val"]), "-f", "tflite-trainable"])
+    assert res.exit_code == 1 and "tflite-trainable:fp32 is not one" in res.output
+
+
 def test_bench_keeps_going_and_reports_every_row(tiny_bundle, tiny_data):
     out, _ = tiny_bundle
     res = CliRunner().invoke(cli, ["bench", str(out), str(tiny_data["val"]), "--runs", "3", "--warmup", "1", "--json"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["rows"]
-    assert {(r["format"], r["precision"]) for r in rows} == {(f.name, p) for f in FORMATS.values() for p in f.precisions}
+    assert {(r["format"], r["precision"]) for r in rows} == {
+        (f.name, p) for f in FORMATS.values() if "classifier" in f.roles for p in f.precisions}
     for r in rows:
         assert r["status"] == "ok", r
         assert r["p50_ms_1t"] > 0 and r["p95_ms_1t"] >= r["p50_ms_1t"] and r["peak_rss_mb"] > 10
