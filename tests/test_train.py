@@ -184,3 +184,24 @@ def test_fine_tune_keeps_batchnorm_frozen_and_changes_top_convs(tiny_data, tmp_p
     from edgetl.train.backbones import weights_digest
 
     assert summary["backbone"]["weights_sha256"] == weights_digest(tuned) != weights_digest(fresh)
+
+
+def test_mirrored_strategy_trains_on_the_local_devices(tiny_data, tmp_path):
+    """--distribute mirrored runs here on the CPU (the same code path puts replicas on every GPU)."""
+    from edgetl.train import TrainConfig, train
+
+    cfg = TrainConfig(data_dir=str(tiny_data["train"]), out_dir=str(tmp_path / "m"), val_dir=str(tiny_data["val"]),
+                      alpha=0.35, size=96, weights=str(WEIGHTS_035), epochs=2, distribute="mirrored")
+    summary = train(cfg)
+    assert summary["devices"]["distribute"] == "mirrored" and summary["devices"]["replicas"] >= 1
+    assert summary["num_train"] == 24 and 0.0 <= summary["val_accuracy"] <= 1.0
+
+
+def test_multiworker_without_tf_config_is_a_clear_error(tiny_data, tmp_path, monkeypatch):
+    from edgetl.train import TrainConfig, train
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    cfg = TrainConfig(data_dir=str(tiny_data["train"]), out_dir=str(tmp_path / "w"), alpha=0.35, size=96,
+                      weights=str(WEIGHTS_035), epochs=1, distribute="multiworker")
+    with pytest.raises(ConfigError, match="needs the TF_CONFIG environment variable"):
+        train(cfg)
