@@ -14,15 +14,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def offline_keras_cache() -> None:
     """Point KERAS_HOME at a cache filled from shared/weights/keras unless one is set."""
-    if "KERAS_HOME" in os.environ:
-        return
-    import tempfile
+    from edgetl.weights import use_offline_weights
 
-    home = Path(tempfile.mkdtemp(prefix="edgetl-bench-keras-"))
-    (home / "models").mkdir()
-    for f in (SHARED / "weights/keras").glob("*.h5"):
-        os.symlink(f, home / "models" / f.name)
-    os.environ["KERAS_HOME"] = str(home)
+    use_offline_weights(SHARED / "weights/keras")
 
 
 def machine() -> dict:

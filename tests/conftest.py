@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+from edgetl.weights import use_offline_weights
 
 from .helpers import (  # noqa: F401  (re-exported for the test modules)
     CORAL,
@@ -28,12 +29,7 @@ from .helpers import (  # noqa: F401  (re-exported for the test modules)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-if "KERAS_HOME" not in os.environ:
-    _home = Path(tempfile.mkdtemp(prefix="edgetl-keras-home-"))
-    (_home / "models").mkdir()
-    for f in (SHARED / "weights/keras").glob("*.h5"):
-        os.symlink(f, _home / "models" / f.name)
-    os.environ["KERAS_HOME"] = str(_home)
+use_offline_weights(SHARED / "weights/keras")
 
 
 def have_tensorflow() -> bool:
