@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -65,20 +66,35 @@ class Learner:
         self.store.close()
 
     # -- features ---------------------------------------------------------------------------
-    def features(self, images: list[str | Path], chunk: int = 16) -> tuple[np.ndarray, list[str], list[str], list[dict]]:
+    def features(self, images: list[str | Path], chunk: int = 4) -> tuple[np.ndarray, list[str], list[str], list[dict]]:
         """Backbone features of the readable images, their digests and names; {file, error} for the others.
 
-        Photos are decoded ``chunk`` at a time, so memory stays flat however many are passed.
+        Photos are decoded ``chunk`` at a time, one chunk ahead in a worker thread while the
+        backbone runs on the previous one (Pillow and the runtimes release the GIL), so memory
+        stays flat and decoding overlaps inference on multi-core devices.
         """
+        parts = [list(p) for p in preprocess.iter_chunks(list(images), chunk)]
         feats, digests, kept, errors = [], [], [], []
-        for part in preprocess.iter_chunks(list(images), chunk):
-            x, d, bad = preprocess.load_batch(list(part), self.spec)
+
+        def consume(part, loaded):
+            x, d, bad = loaded
             bad_paths = {b[0] for b in bad}
-            kept += [str(p) for p in part if str(p) not in bad_paths]
-            digests += d
-            errors += [{"file": path, "error": reason} for path, reason in bad]
+            kept.extend(str(p) for p in part if str(p) not in bad_paths)
+            digests.extend(d)
+            errors.extend({"file": path, "error": reason} for path, reason in bad)
             # Batch 1, as on the device: a TFLite interpreter keeps its tensors allocated.
-            feats += [self.runner.run(x[i : i + 1]) for i in range(len(x))]
+            feats.extend(self.runner.run(x[i : i + 1]) for i in range(len(x)))
+
+        if len(parts) == 1:
+            consume(parts[0], preprocess.load_batch(parts[0], self.spec))
+        elif parts:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(preprocess.load_batch, parts[0], self.spec)
+                for k, part in enumerate(parts):
+                    loaded = pending.result()
+                    if k + 1 < len(parts):
+                        pending = pool.submit(preprocess.load_batch, parts[k + 1], self.spec)
+                    consume(part, loaded)
         if not feats:
             return np.zeros((0, self.bundle.feature_dim), np.float32), [], [], errors
         return np.concatenate(feats).astype(np.float32), digests, kept, errors
