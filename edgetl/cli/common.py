@@ -29,6 +29,12 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except EdgetlError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a full disk, a read-only folder, a permission: say which file and why
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(
+                f"{where}{exc.strerror or exc} (nothing was left half-written: edgetl writes a temporary "
+                "file and renames it only when complete)"
+            ) from None
 
     return wrapper
 
