@@ -18,7 +18,7 @@ from ..errors import ConfigError, DataError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..head_arrays import head_predict, save_head
 from ..metrics import classification_report
-from .backbones import Backbone, build_backbone
+from .backbones import Backbone, build_backbone, weights_digest
 from .config import TrainConfig
 from .features import FeatureCache, Features, extract_features
 from .head import (
@@ -226,8 +226,6 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
                               callbacks=[early_ft, _progress_callback(progress, "fine-tune", cfg.fine_tune_epochs)])
         history_rows += _history_rows(hist, "fine_tune", len(history_rows))
         backbone.model.trainable = False
-        from .backbones import weights_digest
-
         backbone.weights_sha256 = weights_digest(backbone.model)
         fine = {"layers_unfrozen": n_unfrozen, "epochs_run": len(hist.history.get("loss", [])),
                 "learning_rate": cfg.fine_tune_lr}
