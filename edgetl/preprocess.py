@@ -185,21 +185,26 @@ def load_batch(
     Returns the float32 batch of the good files, their sha256 digests, and
     ``(path, reason)`` for each file that could not be used.
     """
+    pixels, digests, bad = load_pixels_batch(paths, spec.size)
+    return normalize(pixels, spec), digests, bad
+
+
+def load_pixels_batch(
+    paths: Sequence[str | Path], size: int
+) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Like :func:`load_batch`, but the uint8 pixels (N, size, size, 3) before normalization."""
     arrays: list[np.ndarray] = []
     digests: list[str] = []
     bad: list[tuple[str, str]] = []
     for p in paths:
         try:
-            px, digest = load_pixels(p, spec.size)
+            px, digest = load_pixels(p, size)
         except DataError as exc:
             bad.append((str(p), str(exc)))
             continue
         arrays.append(px)
         digests.append(digest)
-    if arrays:
-        batch = normalize(np.stack(arrays), spec)
-    else:
-        batch = np.zeros((0, spec.size, spec.size, 3), np.float32)
+    batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return batch, digests, bad
 
 

@@ -297,3 +297,24 @@ def test_edgetl_device_entry_point_runs_without_tensorflow(device_bundle, tmp_pa
                           "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["feature_dim"] == 1280
+
+
+def test_prepared_inputs_are_bit_identical_to_normalize_then_quantize(device_bundle):
+    from edgetl import preprocess
+    from edgetl.bundle import open_bundle
+    from edgetl.runtime import open_model, quantize
+
+    b = open_bundle(device_bundle)
+    px, _, _ = preprocess.load_pixels_batch(ANTS[:3], b.preprocessing.size)
+    for entry in b.entries("backbone"):
+        runner = open_model(b.path(entry), threads=1)
+        slow = quantize(preprocess.normalize(px, b.preprocessing), runner.input)
+        fast = runner.prepare(px, b.preprocessing)
+        assert fast.dtype == slow.dtype and np.array_equal(fast, slow), entry["file"]
+        assert np.array_equal(runner.run_prepared(fast[:1]), runner.run(preprocess.normalize(px[:1], b.preprocessing)))
+    # Every uint8 level, through a spec whose channels differ (BGR, per-channel offsets).
+    caffe = preprocess.caffe(4, "vgg16")
+    v = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    levels = np.stack([v, 255 - v, (v.astype(np.int64) * 7 % 256).astype(np.uint8)], axis=-1)  # channels differ
+    runner = open_model(b.path(b.pick("backbone", precision="int8")), threads=1)
+    assert np.array_equal(runner.prepare(levels, caffe), quantize(preprocess.normalize(levels, caffe), runner.input))

@@ -76,6 +76,10 @@ class Learner:
         parts = [list(p) for p in preprocess.iter_chunks(list(images), chunk)]
         feats, digests, kept, errors = [], [], [], []
 
+        def load(part):  # in the worker thread: decode, resize, and make the model's exact input
+            px, d, bad = preprocess.load_pixels_batch(part, self.spec.size)
+            return self.runner.prepare(px, self.spec), d, bad
+
         def consume(part, loaded):
             x, d, bad = loaded
             bad_paths = {b[0] for b in bad}
@@ -83,17 +87,17 @@ class Learner:
             digests.extend(d)
             errors.extend({"file": path, "error": reason} for path, reason in bad)
             # Batch 1, as on the device: a TFLite interpreter keeps its tensors allocated.
-            feats.extend(self.runner.run(x[i : i + 1]) for i in range(len(x)))
+            feats.extend(self.runner.run_prepared(x[i : i + 1]) for i in range(len(x)))
 
         if len(parts) == 1:
-            consume(parts[0], preprocess.load_batch(parts[0], self.spec))
+            consume(parts[0], load(parts[0]))
         elif parts:
             with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(preprocess.load_batch, parts[0], self.spec)
+                pending = pool.submit(load, parts[0])
                 for k, part in enumerate(parts):
                     loaded = pending.result()
                     if k + 1 < len(parts):
-                        pending = pool.submit(preprocess.load_batch, parts[k + 1], self.spec)
+                        pending = pool.submit(load, parts[k + 1])
                     consume(part, loaded)
         if not feats:
             return np.zeros((0, self.bundle.feature_dim), np.float32), [], [], errors
