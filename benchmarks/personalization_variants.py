@@ -1,0 +1,112 @@
+"""What was tried to learn new classes on the device from 10 photos each (a tuning study).
+
+The device benchmark adds 10 ants + 10 bees (hymenoptera/train) to the five-flower bundle
+and scores hymenoptera/val and flowers/test. To choose a method WITHOUT touching those, this
+script scores each variant on a tuning split: other hymenoptera/train photos (ants and bees
+#11-70) for the new classes, and the flowers run's validation split for the old ones.
+
+    python benchmarks/personalization_variants.py --bundle benchmarks/results/device_bundle \
+        --run runs/flowers
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import SHARED, table, write_json  # noqa: E402
+
+
+def main() -> None:
+    from edgetl.device import HeadTrainConfig, Learner
+    from edgetl.device.headtrain import (
+        _Optimizer,
+        add_classes,
+        class_weights,
+        epoch_orders,
+        loss_and_grads,
+        ncm_predict,
+        train_head,
+    )
+    from edgetl.head_arrays import head_predict
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True, help="the run folder the bundle was exported from")
+    a = p.parse_args()
+    import json
+
+    run = json.loads((a.run / "run.json").read_text())
+    hym = SHARED / "datasets/hymenoptera/train"
+    ants = sorted((hym / "ants").glob("*.jpg"))
+    bees = sorted((hym / "bees").glob("*.jpg"))
+    learner = Learner.open(a.bundle, store=Path(tempfile.mkdtemp()) / "s.sqlite", backend="litert", precision="int8")
+    old = learner.labels()
+    learner.add(ants[:10], "ants")
+    learner.add(bees[:10], "bees")
+    root = Path(run["data"]["train_dir"])
+    val_files = [root / f for f in run["val_files"]]
+    fv, *_ = learner.features(val_files)
+    yv = np.array([old.index(Path(f).parent.name) for f in run["val_files"]])
+    fa, *_ = learner.features(ants[10:70])
+    fb, *_ = learner.features(bees[10:70])
+    labels = old + ["ants", "bees"]
+    na, nb = len(old), len(old) + 1
+    x, y, _ = learner._training_set(labels)
+    start = add_classes(learner.store.head().layers, x, y, [na, nb])
+
+    def score(predict) -> list:
+        pf, pa, pb = predict(fv), predict(fa), predict(fb)
+        new = ((pa == na).mean() + (pb == nb).mean()) / 2
+        return [f"{(pf == yv).mean():.3f}", f"{new:.3f}", f"{(pa == na).mean():.2f}", f"{(pb == nb).mean():.2f}"]
+
+    def head(layers):
+        return lambda z: head_predict(z, layers).argmax(1)
+
+    rows = [["workstation head (before)", *score(head(learner.store.head().layers))],
+            ["prototype init only", *score(head(start))]]
+    for epochs, lr in ((20, 1e-3), (20, 3e-3), (20, 1e-2), (50, 3e-3)):
+        layers, _ = train_head(start, x, y, HeadTrainConfig(epochs=epochs, learning_rate=lr))
+        name = f"retrain all, Adam {lr:g}, {epochs} ep" + (" (default)" if (epochs, lr) == (20, 1e-3) else "")
+        rows.append([name, *score(head(layers))])
+
+    def l2sp(lam: float, epochs: int, lr: float):
+        """Old classes pulled toward their starting weights instead of toward zero."""
+        cfg = HeadTrainConfig(epochs=epochs, learning_rate=lr)
+        sw = class_weights(y, len(labels), True)
+        layers = [(w.copy(), b.copy()) for w, b in start]
+        opt = _Optimizer(cfg, layers)
+        w0 = start[0][0]
+        for order in epoch_orders(len(x), cfg.epochs, cfg.seed):
+            for s in range(0, len(order), cfg.batch_size):
+                i = order[s : s + cfg.batch_size]
+                _, g = loss_and_grads(layers, x[i], y[i], sw[i], 0.0)
+                gw = g[0][0].copy()
+                gw[:, :na] += lam * (layers[0][0][:, :na] - w0[:, :na])
+                layers = opt.step(layers, [(gw, g[0][1])])
+        return layers
+
+    for lam, lr in ((0.1, 3e-3), (0.1, 1e-2), (1.0, 3e-3)):
+        rows.append([f"L2-SP lambda {lam:g}, Adam {lr:g}, 20 ep", *score(head(l2sp(lam, 20, lr)))])
+    means = np.stack([x[y == c].mean(0) for c in range(len(labels))])
+    rows.append(["nearest class mean (--mode ncm)", *score(lambda z: ncm_predict(z, means).argmax(1))])
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for k in (1, 5):
+        def knn(z, k=k):
+            zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+            idx = np.argsort(-(zn @ xn.T), axis=1)[:, :k]
+            return np.array([np.bincount(y[r], minlength=len(labels)).argmax() for r in idx])
+        rows.append([f"{k}-nearest neighbours (cosine)", *score(knn)])
+    cols = ["variant", "flowers val", "new classes", "ants", "bees"]
+    print(table(cols, rows))
+    path = write_json("personalization_variants", {"columns": cols, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
