@@ -16,8 +16,10 @@ log = logging.getLogger("edgetl")
 
 
 def quiet_tensorflow() -> None:
+    """Keep TensorFlow's own chatter (C++ and its Python logger) off the user's terminal."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def handle_errors(fn):
