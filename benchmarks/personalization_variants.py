@@ -4,6 +4,8 @@ The device benchmark adds 10 ants + 10 bees (hymenoptera/train) to the five-flow
 and scores hymenoptera/val and flowers/test. To choose a method WITHOUT touching those, this
 script scores each variant on a tuning split: other hymenoptera/train photos (ants and bees
 #11-70) for the new classes, and the flowers run's validation split for the old ones.
+Variants: learning rates and epochs, L2-SP, nearest class mean, k-NN, Euclidean mean units,
+replay size, and augmented views of the added photos.
 
     python benchmarks/personalization_variants.py --bundle benchmarks/results/device_bundle \
         --run runs/flowers
@@ -102,6 +104,53 @@ def main() -> None:
             idx = np.argsort(-(zn @ xn.T), axis=1)[:, :k]
             return np.array([np.bincount(y[r], minlength=len(labels)).argmax() for r in idx])
         rows.append([f"{k}-nearest neighbours (cosine)", *score(knn)])
+    # Euclidean nearest-mean units for the new classes (w = tau * mean, b = -tau |mean|^2 / 2), old head kept.
+    w_old, b_old = learner.store.head().layers[0]
+    mu = np.stack([x[y == c].mean(0) for c in (na, nb)], axis=1)
+    for tau in (0.05, 0.1, 0.2):
+        layers = [(np.concatenate([w_old, tau * mu], 1).astype(np.float32),
+                   np.concatenate([b_old, -tau * (mu * mu).sum(0) / 2]).astype(np.float32))]
+        rows.append([f"Euclidean mean units, tau {tau:g}", *score(head(layers))])
+
+    # More replay per old class (features of the run's own training photos, same int8 backbone).
+    tr_files = [root / f for f in run["train_files"]]
+    ftr, *_ = learner.features(tr_files)
+    ytr = np.array([old.index(Path(f).parent.name) for f in run["train_files"]])
+    for rep in (20, 50, 100):
+        idx = np.concatenate([np.flatnonzero(ytr == c)[:rep] for c in range(len(old))])
+        xr = np.concatenate([ftr[idx], x[y == na], x[y == nb]])
+        yr = np.concatenate([ytr[idx], y[y == na], y[y == nb]])
+        init = add_classes(learner.store.head().layers, xr, yr, [na, nb])
+        layers, _ = train_head(init, xr, yr, HeadTrainConfig(epochs=20, learning_rate=3e-3))
+        rows.append([f"replay {rep}/class, Adam 0.003, 20 ep", *score(head(layers))])
+
+    # Augmented views of each added photo (mirror, three 80 % crops): more backbone passes per add.
+    from PIL import ImageOps
+
+    from edgetl import preprocess
+
+    def view_features(paths, n):
+        out = []
+        for path in paths:
+            img, _ = preprocess.read_image_file(path)
+            w, h = img.size
+            c = int(min(w, h) * 0.8)
+            views = [img, ImageOps.mirror(img)] + [img.crop((x0, y0, x0 + c, y0 + c))
+                                                   for x0, y0 in ((0, 0), (w - c, h - c), ((w - c) // 2, (h - c) // 2))]
+            for v in views[:n]:
+                px = preprocess.resize_rgb(v, learner.spec.size)[None]
+                out.append(learner.runner.run_prepared(learner.runner.prepare(px, learner.spec))[0])
+        return np.array(out)
+
+    replay = y < na
+    for n in (2, 5):
+        va, vb = view_features(ants[:10], n), view_features(bees[:10], n)
+        xv = np.concatenate([x[replay], va, vb])
+        yv_ = np.concatenate([y[replay], np.full(len(va), na), np.full(len(vb), nb)])
+        init = add_classes(learner.store.head().layers, xv, yv_, [na, nb])
+        layers, _ = train_head(init, xv, yv_, HeadTrainConfig(epochs=20, learning_rate=3e-3))
+        rows.append([f"{n} views per added photo, Adam 0.003", *score(head(layers))])
+
     cols = ["variant", "flowers val", "new classes", "ants", "bees"]
     print(table(cols, rows))
     path = write_json("personalization_variants", {"columns": cols, "rows": rows})

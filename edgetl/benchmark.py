@@ -115,10 +115,9 @@ def bench(
     progress: Progress | None = None,
 ) -> dict:
     """Benchmark a run folder (exports every target first) or an existing bundle."""
-    from .data import scan_folder
+    from .data import load_samples, scan_folder
     from .formats import FORMATS, parse_targets
     from .predictor import FilePredictor, open_predictor
-    from .preprocess import load_batch
     from .runtime import open_model
 
     source = Path(source)
@@ -130,11 +129,10 @@ def bench(
     reference = open_predictor(source)
     # Decode the evaluation photos once; every row is scored on the same arrays.
     folder = scan_folder(data_dir, classes=reference.labels)
-    x, _, bad = load_batch([s.path for s in folder.samples], reference.preprocessing)
-    bad_paths = {b[0] for b in bad}
+    x, y, bad = load_samples(folder.samples, reference.preprocessing)
     for _, reason in bad:
         log.warning("skipping %s", reason)
-    data = (x, np.array([s.label for s in folder.samples if str(s.path) not in bad_paths], np.int64))
+    data = (x, y)
     if is_run:
         keras_pred = _predictions(reference, data[0])
         keras_acc = float((keras_pred == data[1]).mean())
@@ -168,10 +166,9 @@ def bench(
 
                 b = open_bundle(where)
                 path = b.path(b.pick("classifier"))
-                labels, spec = b.labels, b.preprocessing
             else:
                 path = where
-                labels, spec = b.labels, b.preprocessing
+            labels, spec = b.labels, b.preprocessing
         except EdgetlError as exc:
             row.update({"status": "export failed", "error": str(exc)[:300]})
             rows.append(row)

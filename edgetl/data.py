@@ -1,4 +1,4 @@
-"""Image folders: one sub-folder per class (stdlib only, shared by both sides).
+"""Image folders: one sub-folder per class, and decoding them (Pillow + NumPy, shared by both sides).
 
 Scanning lists files by extension and never decodes; decoding happens once, during
 feature extraction, where a bad file is skipped with its reason (or fails with
@@ -11,8 +11,10 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import DataError
-from .preprocess import IMAGE_EXTENSIONS
+from .preprocess import IMAGE_EXTENSIONS, load_batch
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,15 @@ def split_folder(folder: ImageFolder, val_fraction: float, seed: str = "edgetl")
     train.sort(key=lambda s: order[s.relpath])
     val.sort(key=lambda s: order[s.relpath])
     return folder.subset(train), folder.subset(val)
+
+
+def load_samples(samples: list[Sample], spec) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Decode and preprocess samples: the float32 batch and int64 labels of the readable ones,
+    and ``(path, reason)`` for each unreadable one (labels stay aligned with the batch)."""
+    x, _, bad = load_batch([s.path for s in samples], spec)
+    bad_paths = {b[0] for b in bad}
+    y = np.array([s.label for s in samples if str(s.path) not in bad_paths], np.int64)
+    return x, y, bad
 
 
 def read_labels(path: str | Path) -> list[str]:

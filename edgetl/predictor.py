@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import preprocess
-from .data import read_labels, scan_folder
+from .data import load_samples, read_labels, scan_folder
 from .errors import ConfigError, DataError, ModelError
 from .metrics import classification_report, top_k
 
@@ -171,18 +171,15 @@ def evaluate(
     y_true, y_pred, skipped = [], [], []
     done = 0
     for chunk in preprocess.iter_chunks(folder.samples, batch_size):
-        x, _, bad = preprocess.load_batch([s.path for s in chunk], predictor.preprocessing)
+        x, y, bad = load_samples(list(chunk), predictor.preprocessing)
         if bad and strict:
             raise DataError(bad[0][1])
-        bad_paths = {b[0] for b in bad}
         for path, reason in bad:
             log.warning("skipping %s", reason)
             skipped.append({"file": path, "reason": reason})
-        good = [s for s in chunk if str(s.path) not in bad_paths]
-        if good:
-            probs = predictor.predict(x)
-            y_pred.extend(np.argmax(probs, axis=1).tolist())
-            y_true.extend(s.label for s in good)
+        if len(y):
+            y_pred.extend(np.argmax(predictor.predict(x), axis=1).tolist())
+            y_true.extend(y.tolist())
         done += len(chunk)
         if progress:
             progress("evaluate", done, len(folder.samples))

@@ -109,9 +109,9 @@ class Learner:
 
         Unreadable images are reported by name; the others are stored in one transaction.
         """
+        if not label.strip():
+            raise ConfigError(f"label must be a non-empty name such as 'my_mug'; received {label!r}")
         label = label.strip()
-        if not label:
-            raise ConfigError("label must be a non-empty string")
         feats, digests, kept, errors = self.features(list(images))
         keep = [i for i, d in enumerate(digests) if not (skip_duplicates and self.store.has_sample(label, d))]
         dupes = [kept[i] for i in range(len(kept)) if i not in keep]

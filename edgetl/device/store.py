@@ -104,16 +104,15 @@ class SampleStore:
 
     def _check_identity(self, identity: str) -> None:
         def init(c):
-            have = c.execute("SELECT key, value FROM meta").fetchall()
-            if not have:
+            """First open: record what the store's features are; then: read it back."""
+            if c.execute("SELECT COUNT(*) FROM meta").fetchone()[0] == 0:
                 c.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [
                     ("schema_version", str(SCHEMA_VERSION)), ("backbone", identity),
                     ("feature_dim", str(self.feature_dim)), ("created", str(time.time())),
                 ])
-            return dict(have)
+            return dict(c.execute("SELECT key, value FROM meta").fetchall())
 
-        meta = self._write(init) or {"backbone": identity, "feature_dim": str(self.feature_dim),
-                                     "schema_version": str(SCHEMA_VERSION)}
+        meta = self._write(init)
         if meta.get("schema_version") != str(SCHEMA_VERSION):
             raise StoreError(f"sample store {self.path} has schema {meta.get('schema_version')}; expected {SCHEMA_VERSION}")
         if meta.get("backbone") != identity or meta.get("feature_dim") != str(self.feature_dim):

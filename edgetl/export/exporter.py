@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import __version__, preprocess
 from ..bundle import BUNDLE_FORMAT, FORMAT_VERSION, commit_bundle, file_entry, make_staging, zip_bundle
-from ..data import Sample
+from ..data import Sample, load_samples
 from ..device.headtrain import HeadTrainConfig, train_head
 from ..errors import ConfigError, ExportError
 from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -62,13 +62,6 @@ def balanced_subset(samples: list[Sample], n: int) -> list[Sample]:
                 out.append(by_class[label][i])
         i += 1
     return out
-
-
-def load_images(samples: list[Sample], spec) -> tuple[np.ndarray, np.ndarray]:
-    x, _, bad = preprocess.load_batch([s.path for s in samples], spec)
-    bad_paths = {b[0] for b in bad}
-    y = np.array([s.label for s in samples if str(s.path) not in bad_paths], np.int64)
-    return x, y
 
 
 def verify_file(path: Path, role: str, x: np.ndarray, y: np.ndarray, reference: np.ndarray,
@@ -137,9 +130,9 @@ def export_run(
     head_layers = run.head()
 
     cal_samples = balanced_subset(run.samples("train"), max(calibration_images, replay_per_class * len(run.labels)))
-    x_cal, y_cal = load_images(cal_samples, spec)
+    x_cal, y_cal, _ = load_samples(cal_samples, spec)
     val_samples = run.samples("val")
-    x_val, y_val = load_images(val_samples, spec)
+    x_val, y_val, _ = load_samples(val_samples, spec)
 
     classifier = run.classifier
     backbone = run.backbone_model
@@ -148,7 +141,9 @@ def export_run(
     keras_acc = None
     if verify and len(x_val):
         references["backbone"] = np.asarray(backbone.predict(x_val, batch_size=32, verbose=0), np.float32)
-        references["classifier"] = np.asarray(classifier.predict(x_val, batch_size=32, verbose=0), np.float32)
+        # The classifier is head(backbone(x)): its reference reuses the backbone pass above.
+        references["classifier"] = np.asarray(run.head_model.predict(references["backbone"], batch_size=256,
+                                                                     verbose=0), np.float32)
         keras_acc = float((references["classifier"].argmax(1) == y_val).mean())
 
     staging = make_staging(target)
@@ -280,7 +275,7 @@ def _refit_head(backbone_file: Path, run, head_layers: Layers, threads: int | No
     runner = open_model(backbone_file, threads=threads)
     feats, labels = [], []
     for chunk in preprocess.iter_chunks(run.samples("train"), 64):
-        x, y = load_images(list(chunk), run.preprocessing)
+        x, y, _ = load_samples(list(chunk), run.preprocessing)
         feats.append(np.concatenate([runner.run(x[i : i + 1]) for i in range(len(x))]) if len(x) else
                      np.zeros((0, head_layers[0][0].shape[0]), np.float32))
         labels.append(y)
