@@ -5,7 +5,8 @@ classes, retrain with the defaults, then score the new classes on hymenoptera/va
 and the flower classes on flowers/test, before and after.
 
 Speed and memory, LiteRT and ONNX Runtime side by side, each in a fresh process, 1 thread:
-backbone p50/p95 per image, ``add`` per image (one photo per call, decode to commit),
+backbone p50/p95 per image, ``add`` per image (decode to durable commit; calls of 1 and of 10
+photos, interleaved with backbone runs, ratios taken round by round),
 retraining on 500 stored samples for 20 epochs, cold start (new process to first prediction),
 peak RSS (VmHWM).
 
@@ -70,7 +71,7 @@ import numpy as np
 from edgetl.device import Learner, HeadTrainConfig
 from edgetl.benchmark import peak_rss_mb
 from edgetl import preprocess
-bundle, backend = sys.argv[1], sys.argv[2]
+bundle, backend, rounds = sys.argv[1], sys.argv[2], int(sys.argv[5])
 photos = [Path(p) for p in json.loads(sys.argv[4])]
 store = Path(tempfile.mkdtemp()) / "s.sqlite"
 L = Learner.open(bundle, store=store, backend=backend, precision="int8", threads=1)
@@ -80,41 +81,49 @@ cold = time.time() - t_start
 x = L.runner.prepare(preprocess.load_pixels(photos[0], L.spec.size)[0][None], L.spec)
 for _ in range(5):
     L.runner.run_prepared(x)
-bb = []
-for _ in range(50):
-    t = time.perf_counter(); L.runner.run_prepared(x); bb.append(time.perf_counter() - t)
-add = []
-for p in photos[1:31]:
-    t = time.perf_counter(); L.add([p], "bench"); add.append(time.perf_counter() - t)
-batch = []
-for k in range(3):
-    group = photos[31 + 10 * k : 41 + 10 * k]
-    t = time.perf_counter(); L.add(group, "bench"); batch.append((time.perf_counter() - t) / len(group))
+# Rounds interleave the backbone alone, three 1-photo adds and one 10-photo add, so each
+# ratio compares times taken seconds apart (these machines are shared and clocks drift).
+bb, add1, add10, r1, r10 = [], [], [], [], []
+it = iter(photos[1:])
+for _ in range(rounds):
+    t_bb = []
+    for _ in range(10):
+        t = time.perf_counter(); L.runner.run_prepared(x); t_bb.append(time.perf_counter() - t)
+    bb += t_bb
+    t_1 = []
+    for _ in range(3):
+        p = next(it)
+        t = time.perf_counter(); L.add([p], "bench"); t_1.append(time.perf_counter() - t)
+    add1 += t_1
+    group = [next(it) for _ in range(10)]
+    t = time.perf_counter(); L.add(group, "bench"); t_10 = (time.perf_counter() - t) / len(group)
+    add10.append(t_10)
+    r1.append(np.median(t_1) / np.median(t_bb))
+    r10.append(t_10 / np.median(t_bb))
 L.store.remove_label("bench")
 feats, digests, kept, _ = L.features(photos[:100])
 for i in range(5):
     L.store.add(feats, f"c{i}", kept, digests)
 t = time.perf_counter(); r = L.train(HeadTrainConfig(epochs=20)); train_s = time.perf_counter() - t
-print(json.dumps({"backend": L.runner.backend, "file": L.backbone_entry["file"], "cold_start_s": cold,
-                  "backbone_p50_ms": 1000 * float(np.percentile(bb, 50)), "backbone_p95_ms": 1000 * float(np.percentile(bb, 95)),
-                  "add_p50_ms": 1000 * float(np.percentile(add, 50)), "add_p95_ms": 1000 * float(np.percentile(add, 95)),
-                  "add_batch10_ms_per_image": 1000 * float(np.median(batch)),
+ms = lambda v, q: 1000 * float(np.percentile(v, q))
+print(json.dumps({"backend": L.runner.backend, "file": L.backbone_entry["file"], "cold_start_s": cold, "rounds": rounds,
+                  "backbone_p50_ms": ms(bb, 50), "backbone_p95_ms": ms(bb, 95),
+                  "add_p50_ms": ms(add1, 50), "add_p95_ms": ms(add1, 95), "add_batch10_ms_per_image": ms(add10, 50),
+                  "add_over_backbone": float(np.median(r1)), "add_batch10_over_backbone": float(np.median(r10)),
                   "retrain_500x20_s": train_s, "retrain_samples": r["num_samples"] - r["replay"], "peak_rss_mb": peak_rss_mb()}))
 """
 
 
-def speed(bundle: Path, backend: str) -> dict:
+def speed(bundle: Path, backend: str, rounds: int = 12) -> dict:
     pool = photos(FLOWERS / "train" / "daisy") + photos(FLOWERS / "train" / "roses")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
     out = subprocess.run([sys.executable, "-c", WORKER, str(bundle), backend, repr(t0),
-                          json.dumps([str(p) for p in pool[:160]])], capture_output=True, text=True, env=env)
+                          json.dumps([str(p) for p in pool[: 1 + 13 * rounds]]), str(rounds)],
+                         capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    r["add_over_backbone"] = r["add_p50_ms"] / r["backbone_p50_ms"]
-    r["add_batch10_over_backbone"] = r["add_batch10_ms_per_image"] / r["backbone_p50_ms"]
-    return r
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def export_bundle(run: Path, out: Path) -> Path:

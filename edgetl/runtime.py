@@ -144,9 +144,9 @@ class ModelRunner:
             lut = quantize(normalize(levels, spec), self.input).T.copy()  # (3, 256)
             self._lut, self._lut_spec = lut, spec
         if (lut == lut[:1]).all():  # the same table for every channel: one gather
-            return lut[0][pixels]
+            return np.take(lut[0], pixels)
         src = (2, 1, 0) if spec.channel_order == "BGR" else (0, 1, 2)  # output channel c reads input src[c]
-        return np.stack([lut[c][pixels[..., src[c]]] for c in range(3)], axis=-1)
+        return np.stack([np.take(lut[c], pixels[..., src[c]]) for c in range(3)], axis=-1)
 
     def run_prepared(self, x: np.ndarray) -> np.ndarray:
         """Run an input made by :meth:`prepare`; float32 output."""

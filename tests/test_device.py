@@ -125,6 +125,11 @@ def test_corrupt_photo_is_rejected_by_name_and_the_rest_stored(learner, tmp_path
     assert learner.store.counts() == {"ants": 2}
     again = learner.add([ANTS[0]], "ants")  # same photo, same label: not stored twice
     assert again["stored"] == 0 and again["duplicates"] == [str(ANTS[0])]
+    twice = learner.add([ANTS[3], ANTS[3], ANTS[1]], "ants")  # repeated within one call, and stored before
+    assert twice["stored"] == 1 and twice["files"] == [str(ANTS[3])]
+    assert twice["duplicates"] == [str(ANTS[3]), str(ANTS[1])]
+    assert learner.add([ANTS[0]], "bees")["stored"] == 1  # the same photo under another label is a new sample
+    assert learner.store.counts() == {"ants": 3, "bees": 1}
 
 
 def test_ncm_mode_predicts_before_any_training(learner):
@@ -216,6 +221,29 @@ def test_two_concurrent_writers_lose_nothing(device_bundle, tmp_path):
     s = SampleStore(store_path, 1280, identity=_backbone_sha(device_bundle))
     assert s.counts() == {"ants": 25, "bees": 25} or s.counts() == {"bees": 25, "ants": 25}
     assert set(acked) == s.ids()
+
+
+_DEDUPE_WORKER = """
+import sys
+import numpy as np
+from edgetl.device import SampleStore
+s = SampleStore(sys.argv[1], 4, identity="test")
+for i in range(40):
+    s.add(np.full((1, 4), i, np.float32), "x", [f"p{i}"], [f"{i:064x}"], skip_duplicates=True)
+"""
+
+
+def test_two_processes_adding_the_same_photos_store_each_once(tmp_path):
+    # The duplicate check runs inside the write transaction, so it cannot race.
+    store_path = tmp_path / "dupes.sqlite"
+    SampleStore(store_path, 4, identity="test").close()
+    procs = [subprocess.Popen([sys.executable, "-c", _DEDUPE_WORKER, str(store_path)], stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT_DIR) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    s = SampleStore(store_path, 4, identity="test")
+    feats, labels, _ = s.samples()
+    assert s.counts() == {"x": 40} and sorted(feats[:, 0].tolist()) == [float(i) for i in range(40)]
 
 
 def test_head_gradients_match_finite_differences():

@@ -105,3 +105,31 @@ def test_preprocessing_round_trips_through_dict():
     assert preprocess.Preprocessing.from_dict(spec.to_dict()) == spec
     with pytest.raises(DataError, match="invalid preprocessing description"):
         preprocess.Preprocessing.from_dict({"size": 3})
+
+
+def test_large_jpegs_decode_at_a_reduced_dct_scale_close_to_a_full_decode():
+    from .helpers import HYMENOPTERA
+
+    photo = Image.open(sorted((HYMENOPTERA / "train" / "bees").glob("*.jpg"))[0]).convert("RGB")
+    big = photo.resize((1000, 800), Image.Resampling.BICUBIC)
+    jpeg = _encode(big, "JPEG", quality=92)
+    # 1000x800 still covers 224x224 at 1/2 scale but not at 1/4 (250x200).
+    assert preprocess.decode_image(jpeg, "big.jpg", 224).size == (500, 400)
+    assert preprocess.decode_image(jpeg, "big.jpg").size == (1000, 800)
+    assert preprocess.decode_image(_encode(big, "PNG"), "big.png", 224).size == (1000, 800)  # not a JPEG
+    assert preprocess.decode_image(jpeg, "big.jpg", 600).size == (1000, 800)  # 1/2 would not cover 600
+    full = preprocess.resize_rgb(preprocess.decode_image(jpeg, "big.jpg"), 224).astype(int)
+    scaled = preprocess.resize_rgb(preprocess.decode_image(jpeg, "big.jpg", 224), 224).astype(int)
+    assert 0.0 < np.abs(full - scaled).mean() < 1.5
+
+
+def test_load_pixels_uses_the_reduced_scale_decode(tmp_path):
+    from .helpers import HYMENOPTERA
+
+    photo = Image.open(sorted((HYMENOPTERA / "train" / "ants").glob("*.jpg"))[0]).convert("RGB")
+    path = tmp_path / "big.jpg"
+    photo.resize((900, 900)).save(path, quality=90)
+    px, digest = preprocess.load_pixels(path, 224)
+    expected = preprocess.resize_rgb(preprocess.decode_image(path.read_bytes(), "x", 224), 224)
+    assert np.array_equal(px, expected) and px.shape == (224, 224, 3)
+    assert digest == preprocess.read_file_bytes(path)[1] and len(digest) == 64

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -66,39 +67,47 @@ class Learner:
         self.store.close()
 
     # -- features ---------------------------------------------------------------------------
-    def features(self, images: list[str | Path], chunk: int = 4) -> tuple[np.ndarray, list[str], list[str], list[dict]]:
+    def features(self, images: list[str | Path], ahead: int = 2) -> tuple[np.ndarray, list[str], list[str], list[dict]]:
         """Backbone features of the readable images, their digests and names; {file, error} for the others.
 
-        Photos are decoded ``chunk`` at a time, one chunk ahead in a worker thread while the
-        backbone runs on the previous one (Pillow and the runtimes release the GIL), so memory
-        stays flat and decoding overlaps inference on multi-core devices.
+        Photos after the first are decoded, resized and turned into the model's exact input
+        in a worker thread, up to ``ahead`` photos ahead of the backbone, which runs at batch 1
+        in the calling thread (Pillow and the runtimes release the GIL). On a multi-core
+        device decoding hides behind inference from the second photo on, and memory stays
+        flat however many photos one call gets.
         """
-        parts = [list(p) for p in preprocess.iter_chunks(list(images), chunk)]
+        paths = list(images)
         feats, digests, kept, errors = [], [], [], []
 
-        def load(part):  # in the worker thread: decode, resize, and make the model's exact input
-            px, d, bad = preprocess.load_pixels_batch(part, self.spec.size)
-            return self.runner.prepare(px, self.spec), d, bad
+        def load(path):  # in the worker thread
+            try:
+                px, digest = preprocess.load_pixels(path, self.spec.size)
+            except DataError as exc:
+                return None, None, str(exc)
+            return self.runner.prepare(px[None], self.spec), digest, None
 
-        def consume(part, loaded):
-            x, d, bad = loaded
-            bad_paths = {b[0] for b in bad}
-            kept.extend(str(p) for p in part if str(p) not in bad_paths)
-            digests.extend(d)
-            errors.extend({"file": path, "error": reason} for path, reason in bad)
+        def consume(path, loaded):
+            x, digest, error = loaded
+            if error is not None:
+                errors.append({"file": str(path), "error": error})
+                return
             # Batch 1, as on the device: a TFLite interpreter keeps its tensors allocated.
-            feats.extend(self.runner.run_prepared(x[i : i + 1]) for i in range(len(x)))
+            feats.append(self.runner.run_prepared(x))
+            digests.append(digest)
+            kept.append(str(path))
 
-        if len(parts) == 1:
-            consume(parts[0], load(parts[0]))
-        elif parts:
+        if len(paths) == 1:
+            consume(paths[0], load(paths[0]))
+        elif paths:
             with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(load, parts[0])
-                for k, part in enumerate(parts):
-                    loaded = pending.result()
-                    if k + 1 < len(parts):
-                        pending = pool.submit(load, parts[k + 1])
-                    consume(part, loaded)
+                first = load(paths[0])  # before the worker starts: the two would contend for the GIL
+                pending = deque(pool.submit(load, p) for p in paths[1 : 1 + ahead])
+                consume(paths[0], first)
+                for i, path in enumerate(paths[1:], start=1):
+                    loaded = pending.popleft().result()
+                    if i + ahead < len(paths):
+                        pending.append(pool.submit(load, paths[i + ahead]))
+                    consume(path, loaded)
         if not feats:
             return np.zeros((0, self.bundle.feature_dim), np.float32), [], [], errors
         return np.concatenate(feats).astype(np.float32), digests, kept, errors
@@ -113,11 +122,10 @@ class Learner:
             raise ConfigError(f"label must be a non-empty name such as 'my_mug'; received {label!r}")
         label = label.strip()
         feats, digests, kept, errors = self.features(list(images))
-        keep = [i for i, d in enumerate(digests) if not (skip_duplicates and self.store.has_sample(label, d))]
-        dupes = [kept[i] for i in range(len(kept)) if i not in keep]
-        ids = self.store.add(feats[keep], label, [kept[i] for i in keep], [digests[i] for i in keep], dtype) if keep else []
-        return {"label": label, "stored": len(ids), "ids": ids, "files": [kept[i] for i in keep],
-                "duplicates": dupes, "errors": errors}
+        ids = self.store.add(feats, label, kept, digests, dtype, skip_duplicates=skip_duplicates)
+        stored = [(i, f) for i, f in zip(ids, kept) if i is not None]
+        return {"label": label, "stored": len(stored), "ids": [i for i, _ in stored], "files": [f for _, f in stored],
+                "duplicates": [f for i, f in zip(ids, kept) if i is None], "errors": errors}
 
     def labels(self) -> list[str]:
         return list(self.store.head().labels)

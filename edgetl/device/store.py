@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS samples (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_label ON samples(label);
+CREATE INDEX IF NOT EXISTS samples_label_sha256 ON samples(label, sha256);
 CREATE TABLE IF NOT EXISTS heads (
     version INTEGER PRIMARY KEY AUTOINCREMENT,
     created REAL NOT NULL,
@@ -127,25 +128,39 @@ class SampleStore:
 
     # -- samples ----------------------------------------------------------------------------
     def add(self, features: np.ndarray, label: str, sources: list[str], digests: list[str],
-            dtype: str = "float32") -> list[int]:
-        """Store features of one label in one transaction; returns their ids once committed."""
+            dtype: str = "float32", skip_duplicates: bool = False) -> list[int | None]:
+        """Store features of one label in one transaction; returns their ids once committed.
+
+        With ``skip_duplicates``, a sample whose label and sha256 are already stored (or that
+        repeats one earlier in the same call) is not stored and gets ``None`` in place of an
+        id. The check runs inside the write transaction, so two processes adding the same
+        photo at once store it once.
+        """
         if dtype not in ("float32", "float16"):
             raise StoreError(f"feature dtype must be float32 or float16; received {dtype!r}")
         feats = np.asarray(features, np.float32)
         if feats.ndim != 2 or feats.shape[1] != self.feature_dim:
             raise StoreError(f"features of shape {feats.shape} do not fit this store (dim {self.feature_dim})")
+        if not (len(sources) == len(digests) == len(feats)):
+            raise StoreError(f"{len(feats)} features but {len(sources)} sources and {len(digests)} digests")
         now = time.time()
         rows = [(label, feats[i].astype(dtype).tobytes(), dtype, sources[i], digests[i], now) for i in range(len(feats))]
 
         def insert(c):
-            ids = []
+            ids: list[int | None] = []
+            seen: set[str] = set()
             for r in rows:
+                if skip_duplicates and (r[4] in seen or c.execute(
+                        "SELECT 1 FROM samples WHERE label = ? AND sha256 = ? LIMIT 1", (label, r[4])).fetchone()):
+                    ids.append(None)
+                    continue
+                seen.add(r[4])
                 cur = c.execute("INSERT INTO samples(label, feature, dtype, source, sha256, created) "
                                 "VALUES (?, ?, ?, ?, ?, ?)", r)
                 ids.append(int(cur.lastrowid))
             return ids
 
-        return self._write(insert)
+        return self._write(insert) if rows else []
 
     def samples(self, labels: list[str] | None = None) -> tuple[np.ndarray, list[str], list[int]]:
         """All stored features (float32), their labels and ids, in insertion order."""
@@ -165,10 +180,6 @@ class SampleStore:
 
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT label, COUNT(*) FROM samples GROUP BY label ORDER BY MIN(id)").fetchall())
-
-    def has_sample(self, label: str, digest: str) -> bool:
-        return self.db.execute("SELECT 1 FROM samples WHERE label = ? AND sha256 = ? LIMIT 1",
-                               (label, digest)).fetchone() is not None
 
     def remove_label(self, label: str) -> int:
         return self._write(lambda c: c.execute("DELETE FROM samples WHERE label = ?", (label,)).rowcount)

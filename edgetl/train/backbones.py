@@ -107,8 +107,8 @@ class Backbone:
         }
 
     def key(self) -> str:
-        """Short stable key for caches: architecture + size + weights hash."""
-        blob = f"{self.spec.name}|{self.alpha}|{self.size}|{self.weights_sha256}"
+        """Short stable key for caches: architecture + size + weights hash + decoder version."""
+        blob = f"{self.spec.name}|{self.alpha}|{self.size}|{self.weights_sha256}|decode{preprocess.DECODE_VERSION}"
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

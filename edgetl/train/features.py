@@ -119,7 +119,10 @@ def extract_features(
 
     for i, s in enumerate(samples):
         try:
-            img, digest = preprocess.read_image_file(s.path)
+            data, digest = preprocess.read_file_bytes(s.path)
+            cached = cache.get(digest) if cache is not None else None
+            if cached is None:  # decode only what the cache does not hold
+                img = preprocess.decode_image(data, str(s.path), spec.size)
         except DataError as exc:
             if strict:
                 raise DataError(f"{exc} (strict mode: bad files are errors)") from None
@@ -127,7 +130,6 @@ def extract_features(
             skipped.append({"file": s.relpath, "reason": str(exc)})
             done += 1
             continue
-        cached = cache.get(digest) if cache is not None else None
         if cached is not None:
             feats[i] = cached
             hits += 1
