@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,6 +49,7 @@ class Learner:
         if trainer not in ("numpy", "tflite"):
             raise ConfigError(f"trainer must be 'numpy' or 'tflite'; received {trainer!r}")
         self.trainer = trainer
+        self._decoder: ThreadPoolExecutor | None = None  # started by the first multi-photo call
         if store.active_version() is None:
             store.save_head(list(bundle.labels), bundle.head(backbone_entry),
                             {"origin": "bundle", "note": "the workstation head from the bundle"})
@@ -64,6 +65,9 @@ class Learner:
         return cls(b, s, entry, runner, trainer)
 
     def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
+            self._decoder = None
         self.store.close()
 
     # -- features ---------------------------------------------------------------------------
@@ -99,15 +103,22 @@ class Learner:
         if len(paths) == 1:
             consume(paths[0], load(paths[0]))
         elif paths:
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                first = load(paths[0])  # before the worker starts: the two would contend for the GIL
-                pending = deque(pool.submit(load, p) for p in paths[1 : 1 + ahead])
+            if self._decoder is None:  # one worker for the learner's life: no thread start per call
+                self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetl-decode")
+            pool = self._decoder
+            first = load(paths[0])  # before the worker starts: the two would contend for the GIL
+            pending = deque(pool.submit(load, p) for p in paths[1 : 1 + ahead])
+            try:
                 consume(paths[0], first)
                 for i, path in enumerate(paths[1:], start=1):
                     loaded = pending.popleft().result()
                     if i + ahead < len(paths):
                         pending.append(pool.submit(load, paths[i + ahead]))
                     consume(path, loaded)
+            finally:  # on an error, let the worker finish what it holds before the caller goes on
+                for f in pending:
+                    f.cancel()
+                wait(pending)
         if not feats:
             return np.zeros((0, self.bundle.feature_dim), np.float32), [], [], errors
         return np.concatenate(feats).astype(np.float32), digests, kept, errors
