@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--camera", action="store_true", help="also classify a camera frame every --interval seconds")
     p.add_argument("--backend", choices=["litert", "tflite_runtime", "onnxruntime"], default=None)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=None, help="head training passes (default: edgetl's, 300 full-batch)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         return 1
     ensure_layout(a.inbox)
     predictions = a.predictions or a.inbox / "predictions.jsonl"
-    cfg = HeadTrainConfig(epochs=a.epochs)
+    cfg = HeadTrainConfig() if a.epochs is None else HeadTrainConfig(epochs=a.epochs)
     grab = open_camera() if a.camera else None
     stop = False
 

@@ -76,7 +76,7 @@ def test_add_train_predict_learns_new_classes(learner):
     assert r["stored"] == 10 and len(r["ids"]) == 10 and r["errors"] == []
     learner.add(BEES[:10], "bees")
     assert learner.store.counts() == {"ants": 10, "bees": 10}
-    t = learner.train(HeadTrainConfig(epochs=30, seed=0))
+    t = learner.train()  # the defaults
     assert t["version"] == 2 and t["new_classes"] == ["ants", "bees"]
     assert t["labels"] == ["daisy", "roses", "sunflowers", "ants", "bees"]
     assert (t["stored"], t["replay"], t["num_samples"]) == (20, 24, 44)

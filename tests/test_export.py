@@ -59,13 +59,35 @@ def test_every_format_and_precision_is_in_the_bundle(tiny_bundle):
     int8 = next(e for e in b.files if e["file"] == "backbone_int8.tflite")
     assert int8["input"]["dtype"] == "int8" and int8["input"]["scale"] > 0 and "zero_point" in int8["input"]
     assert int8["replay"] == "replay_backbone_int8_tflite.npz" and int8["flex_ops"] is False
-    assert int8["head"] == "head_backbone_int8_tflite.npz" and int8["head_refit"]["epochs"] == 5
+    assert int8["head"] == "head_backbone_int8_tflite.npz"
+    # The measured refit recipe (README), pinned: it must not drift with the device trainer's defaults.
+    assert int8["head_refit"] == {"epochs": 5, "batch_size": 32, "learning_rate": 1e-3, "optimizer": "adam",
+                                  "momentum": 0.0, "l2": 1e-4, "balance": True, "seed": 0}
     onnx8 = next(e for e in b.files if e["file"] == "backbone_int8.onnx")
     assert onnx8["replay"] == "replay_backbone_int8_onnx.npz" and onnx8["head"] == "head_backbone_int8_onnx.npz"
     names = [e["file"] for e in b.files]
     assert len(names) == len(set(names))
     feats, labels = b.replay(int8)
     assert feats.shape == (12, 1280) and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_replay_holds_that_backbone_files_features_in_float16(tiny_bundle, tiny_run):
+    from edgetl.data import load_samples
+    from edgetl.train.run import Run
+
+    out, _ = tiny_bundle
+    b = open_bundle(out)
+    run = Run(tiny_run)
+    for entry in (e for e in b.files if e.get("replay")):
+        with np.load(out / entry["replay"]) as z:
+            assert z["features"].dtype == np.float16 and z["labels"].dtype == np.int64
+        feats, labels = b.replay(entry)
+        # The first 4 training photos of each class, through THIS file (int8 ones via the head refit's pass).
+        firsts = [s for c in range(3) for s in [t for t in run.samples("train") if t.label == c][:4]]
+        x, y, _ = load_samples(firsts, run.preprocessing)
+        ref = open_model(out / entry["file"]).run(x)
+        assert labels.tolist() == y.tolist()
+        np.testing.assert_allclose(feats, ref, rtol=1e-3, atol=1e-3, err_msg=entry["file"])  # float16 rounding
 
 
 def test_float_files_match_keras_exactly(tiny_bundle, val_arrays):

@@ -85,13 +85,15 @@ def add(ctx, label, images, dtype, as_json):
 
 
 @device.command()
-@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Passes over replay + stored samples (default 300; with --trainer tflite: 20).")
 @click.option("--lr", "learning_rate", type=float, default=None,
-              help="Learning rate (default 1e-3; with --trainer tflite: the bundle's).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+              help="Learning rate (default 1e-2; with --trainer tflite: the bundle's).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Samples per step (default 4096, i.e. full batch for most stores; with --trainer tflite: 32).")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None,
               help="adam (default) or sgd; --trainer tflite uses the bundle's SGD step.")
-@click.option("--l2", type=float, default=None, help="L2 weight decay (default 1e-4; with --trainer tflite: the bundle's).")
+@click.option("--l2", type=float, default=None, help="L2 weight decay (default 0.3; with --trainer tflite: the bundle's).")
 @click.option("--no-balance", is_flag=True, help="Do not weight classes inversely to their sample counts.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_option
@@ -102,14 +104,15 @@ def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, see
     from ..device import HeadTrainConfig
 
     learner = _learner(ctx)
+    given = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None}
     if ctx.obj["trainer"] == "tflite" and learning_rate is None and optimizer is None and l2 is None:
         from ..device.tflite_trainer import config_for
 
-        cfg = config_for(learner.bundle.pick("trainable_head"), epochs=epochs, batch_size=batch_size, seed=seed)
+        cfg = config_for(learner.bundle.pick("trainable_head"), seed=seed, **given)
     else:
-        cfg = HeadTrainConfig(epochs=epochs, batch_size=batch_size,
-                              learning_rate=1e-3 if learning_rate is None else learning_rate,
-                              optimizer=optimizer or "adam", l2=1e-4 if l2 is None else l2,
+        d = HeadTrainConfig()
+        cfg = HeadTrainConfig(**given, learning_rate=d.learning_rate if learning_rate is None else learning_rate,
+                              optimizer=optimizer or d.optimizer, l2=d.l2 if l2 is None else l2,
                               balance=not no_balance, seed=seed)
     r = learner.train(cfg)
     if as_json:

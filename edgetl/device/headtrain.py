@@ -23,14 +23,23 @@ from ..head_arrays import Layers, softmax
 
 @dataclass(frozen=True)
 class HeadTrainConfig:
-    """Hyper-parameters of on-device head training."""
+    """Hyper-parameters of on-device head training.
 
-    epochs: int = 20
-    batch_size: int = 32
-    learning_rate: float = 1e-3
+    The defaults solve the (convex, for a softmax head) regularised problem to convergence:
+    full-batch Adam (every batch up to 4096 samples) for 300 steps with a strong L2. Together
+    with a large replay set (the exporter ships up to 256 training photos per class) this was
+    chosen on a tuning split (``benchmarks/personalization_variants.py``): after adding ants and
+    bees to the five-flower head it recognised 0.675 of held-out ants/bees photos at 0.863 flower
+    accuracy, against 0.600 at 0.860 for the former defaults (20 replay photos per class, 20
+    epochs of mini-batch Adam at 1e-3 with L2 1e-4, i.e. early stopping near the workstation head).
+    """
+
+    epochs: int = 300
+    batch_size: int = 4096
+    learning_rate: float = 1e-2
     optimizer: str = "adam"  # adam | sgd
     momentum: float = 0.0  # sgd only
-    l2: float = 1e-4
+    l2: float = 0.3
     balance: bool = True
     seed: int = 0
 
