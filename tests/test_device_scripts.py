@@ -27,6 +27,7 @@ def test_personalize_inbox_round_trip(device_bundle, tmp_path):
         for f in files:
             shutil.copy(f, inbox / label / f.name)
     (inbox / "unlabelled" / "broken.jpg").write_bytes(b"not a photo")
+    (inbox / "ants" / "cut.jpg").write_bytes(ants[5].read_bytes()[:3000])  # added in the same call as good ones
     store = tmp_path / "store.sqlite"
     cmd = [sys.executable, str(SCRIPTS / "personalize.py"), "--bundle", str(device_bundle), "--inbox", str(inbox),
            "--store", str(store), "--once", "--retrain-every", "5", "--threads", "1"]
@@ -36,8 +37,10 @@ def test_personalize_inbox_round_trip(device_bundle, tmp_path):
     assert sorted(p.name for p in (inbox / "ants").iterdir()) == []
     assert sorted(p.name for p in (inbox / ".done" / "ants").iterdir()) == sorted(f.name for f in ants[:4])
     assert (inbox / ".rejected" / "unlabelled" / "broken.jpg").is_file()
+    assert (inbox / ".rejected" / "ants" / "cut.jpg").is_file()
     rej = [json.loads(line) for line in (inbox / ".rejected" / "rejected.jsonl").read_text().splitlines()]
-    assert rej[0]["file"] == "unlabelled/broken.jpg" and "not a recognised image" in rej[0]["reason"]
+    assert [r["file"] for r in rej] == ["ants/cut.jpg", "unlabelled/broken.jpg"]
+    assert "cannot decode image" in rej[0]["reason"] and "not a recognised image" in rej[1]["reason"]
     preds = [json.loads(line) for line in (inbox / "predictions.jsonl").read_text().splitlines()]
     assert [p["file"] for p in preds] == [str(inbox / "unlabelled" / ants[10].name), str(inbox / "unlabelled" / bees[10].name)]
     assert all({"label", "score", "top", "head_version"} <= set(p) for p in preds)

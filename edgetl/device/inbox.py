@@ -10,7 +10,7 @@ Layout::
 
 A photo is moved out of the inbox only after its sample is committed (or its prediction
 written), so a crash at any moment repeats work at worst: a re-added photo is recognised by
-its sha256 and not stored twice.
+its sha256 and not stored twice. Photos of one label are added up to 16 per call.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .learner import Learner
 
 log = logging.getLogger("edgetl")
 UNLABELLED = "unlabelled"
+ADD_BATCH = 16  # photos per add call at most
 
 
 def _move(src: Path, inbox: Path, bucket: str) -> None:
@@ -66,16 +67,24 @@ def process_inbox(learner: Learner, inbox: Path, predictions: Path, retrain_ever
                 _move(f, inbox, ".done")
                 classified += 1
             continue
-        for f in files:  # one photo per transaction: what is moved is committed
-            r = learner.add([f], folder.name)
-            if r["errors"]:
-                _reject(inbox, f, r["errors"][0]["error"])
-                rejected += 1
-                continue
-            _move(f, inbox, ".done")
+        i = 0
+        while i < len(files):
+            # Several photos per call (decoding overlaps the backbone), cut so that a retrain still
+            # comes after every ``retrain_every`` new samples. A photo is moved only after the call
+            # committed it; after a crash in between it is added again and skipped as a duplicate.
+            n = ADD_BATCH if retrain_every < 1 else max(1, min(ADD_BATCH, retrain_every - pending))
+            group, i = files[i : i + n], i + n
+            r = learner.add(group, folder.name)
+            bad = {e["file"]: e["error"] for e in r["errors"]}
+            for f in group:
+                if str(f) in bad:
+                    _reject(inbox, f, bad[str(f)])
+                    rejected += 1
+                else:
+                    _move(f, inbox, ".done")
             learned += r["stored"]
             pending += r["stored"]
-            if pending >= retrain_every:
+            if retrain_every >= 1 and pending >= retrain_every:
                 learner.train(train_config)
                 trained += 1
                 pending = 0
