@@ -76,6 +76,12 @@ def test_exif_orientation_is_honoured():
     assert out.size == (20, 40)
     arr = np.asarray(out, int)
     assert arr[5, 10].mean() > 200 and arr[35, 10].mean() < 50  # white ends up on top
+    # The same photo large enough for a reduced-scale decode: scaled (1/2), then turned upright.
+    big = img.resize((1000, 500), Image.Resampling.NEAREST)
+    out = preprocess.decode_image(_encode(big, "JPEG", exif=exif, quality=95), "big.jpg", 224)
+    assert out.size == (250, 500)
+    arr = np.asarray(out, int)
+    assert arr[60, 125].mean() > 200 and arr[440, 125].mean() < 50
 
 
 def test_bad_bytes_name_the_file_and_the_reason():
