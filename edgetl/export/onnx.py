@@ -6,6 +6,7 @@ dynamic int8 ran 2-8x slower than fp32, so int8 here is static QDQ, calibrated l
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +17,8 @@ from ..errors import ExportError
 from ..fileio import atomic_write_bytes
 from .checks import check_onnx
 from .common import ExportOptions, ExportSource
+
+log = logging.getLogger("edgetl")
 
 
 def _with_metadata(model_proto, metadata: dict[str, str]):
@@ -73,7 +76,9 @@ def export(source: ExportSource, path: Path, precision: str, options: ExportOpti
         onnx.save(model_proto, f32)
         try:
             quant_pre_process(f32, pre, skip_symbolic_shape=True)
-        except Exception:  # pre-processing is an optimisation; quantize the plain model without it
+        except Exception as exc:  # pre-processing is an optimisation; quantize the plain model without it
+            log.warning("ONNX Runtime's quant_pre_process failed on the %s (%s); quantizing it without "
+                        "pre-processing", source.role, str(exc)[:200])
             pre = f32
         input_name = model_proto.graph.input[0].name
         try:
