@@ -318,3 +318,16 @@ def test_bench_of_a_run_exports_each_row_and_compares_with_keras(tiny_run, tiny_
     for key in (("tflite", "fp32"), ("onnx", "fp32")):
         assert rows[key]["status"] == "ok" and rows[key]["agreement"] == 1.0 and rows[key]["diff_points"] == 0.0
     assert rows[("tflite", "int8")]["status"] == "ok" and rows[("tflite", "int8")]["agreement"] >= 0.75
+
+
+def test_replay_takes_at_most_k_photos_of_every_class_even_when_classes_are_unbalanced():
+    from pathlib import Path
+
+    from edgetl.data import Sample
+    from edgetl.export.exporter import first_per_class
+
+    samples = [Sample(Path(f"a{i}.jpg"), 0, f"a/{i}.jpg") for i in range(3)]
+    samples += [Sample(Path(f"b{i}.jpg"), 1, f"b/{i}.jpg") for i in range(10)]
+    got = first_per_class(samples, 4)
+    assert [s.relpath for s in got] == ["a/0.jpg", "a/1.jpg", "a/2.jpg", "b/0.jpg", "b/1.jpg", "b/2.jpg", "b/3.jpg"]
+    assert first_per_class(samples, 0) == []

@@ -64,6 +64,17 @@ def balanced_subset(samples: list[Sample], n: int) -> list[Sample]:
     return out
 
 
+def first_per_class(samples: list[Sample], k: int) -> list[Sample]:
+    """The first ``k`` samples of each class, in the run's (deterministic) file order."""
+    taken: dict[int, int] = {}
+    out: list[Sample] = []
+    for s in samples:
+        if taken.get(s.label, 0) < k:
+            taken[s.label] = taken.get(s.label, 0) + 1
+            out.append(s)
+    return out
+
+
 def verify_file(path: Path, role: str, x: np.ndarray, y: np.ndarray, reference: np.ndarray,
                 head_layers, keras_accuracy: float, threads: int | None = None) -> dict:
     """Run one exported file in its runtime and compare with the Keras outputs."""
@@ -131,7 +142,7 @@ def export_run(
 
     cal_samples = balanced_subset(run.samples("train"), calibration_images)
     x_cal, _, _ = load_samples(cal_samples, spec)
-    replay_samples = balanced_subset(run.samples("train"), replay_per_class * len(run.labels))
+    replay_samples = first_per_class(run.samples("train"), replay_per_class)
     val_samples = run.samples("val")
     x_val, y_val, _ = load_samples(val_samples, spec)
 
