@@ -156,7 +156,8 @@ def history(ctx, as_json):
         emit_json({"versions": h})
         return
     rows = [["*" if v["active"] else "", v["version"], datetime.fromtimestamp(v["created"]).isoformat(timespec="seconds"),
-             v["info"].get("origin"), len(v["labels"]), v["info"].get("train_accuracy", "")] for v in h]
+             v["info"].get("origin"), len(v["labels"]),
+             f"{v['info']['train_accuracy']:.3f}" if "train_accuracy" in v["info"] else ""] for v in h]
     print_table("head versions", ["active", "version", "created", "origin", "classes", "train acc"], rows)
 
 
