@@ -136,6 +136,37 @@ def export_bundle(run: Path, out: Path) -> Path:
     return out
 
 
+def large_photo_decode(size: int = 224, repeats: int = 5) -> list[dict]:
+    """ms to decode + resize a phone-sized JPEG: full decode vs libjpeg's reduced-scale decode.
+
+    The photos in ../shared are at most 320 px, so the benchmark above never meets a large one;
+    this re-saves a real bee photo at phone and camera sizes (quality 90).
+    """
+    import io
+
+    from PIL import Image
+
+    from edgetl import preprocess
+
+    src = Image.open(photos(HYM / "train" / "bees")[0]).convert("RGB")
+    rows = []
+    for w, h in ((4032, 3024), (1920, 1080), (640, 480)):
+        buf = io.BytesIO()
+        src.resize((w, h), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+        out = {}
+        for name, draft in (("full", None), ("reduced", size)):
+            ts = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                px = preprocess.resize_rgb(preprocess.decode_image(data, "x.jpg", draft), size)
+                ts.append(time.perf_counter() - t)
+            out[name] = (1000 * float(np.median(ts)), px.astype(np.int16))
+        rows.append({"photo": f"{w}x{h}", "full_ms": out["full"][0], "reduced_ms": out["reduced"][0],
+                     "mean_abs_pixel_diff": float(np.abs(out["full"][1] - out["reduced"][1]).mean())})
+    return rows
+
+
 def trainer_steps(bundle: Path, repeats: int = 200) -> list[dict]:
     """ms per training step, batch 1 and 32: the TFLite trainable head vs the NumPy trainer (1 thread)."""
     from edgetl.bundle import open_bundle
@@ -185,6 +216,7 @@ def main() -> None:
     s = [speed(bundle, b) for b in BACKENDS]
     os.environ["OMP_NUM_THREADS"] = "1"
     steps = trainer_steps(bundle)
+    decode = large_photo_decode()
     print("quality (LiteRT int8 backbone, default retrain):")
     print(table(["metric", "value"], [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in q.items()]))
     print()
@@ -201,7 +233,13 @@ def main() -> None:
     print("head training step (1 thread):")
     print(table(["trainer", "batch", "p50 ms", "p95 ms"],
                 [[r["trainer"], r["batch"], f"{r['p50_ms']:.3f}", f"{r['p95_ms']:.3f}"] for r in steps]))
-    path = write_json("device", {"bundle": str(bundle), "quality": q, "speed": s, "trainer_steps": steps})
+    print()
+    print("large JPEG decode + resize to 224 (ms):")
+    print(table(["photo", "full decode", "reduced-scale decode", "mean |pixel diff|"],
+                [[r["photo"], f"{r['full_ms']:.1f}", f"{r['reduced_ms']:.1f}", f"{r['mean_abs_pixel_diff']:.2f}"]
+                 for r in decode]))
+    path = write_json("device", {"bundle": str(bundle), "quality": q, "speed": s, "trainer_steps": steps,
+                                 "large_photo_decode": decode})
     print(f"wrote {path}")
 
 
