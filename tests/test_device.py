@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -297,7 +298,10 @@ def test_device_cli_round_trip_json(device_bundle, tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["stored"] == 4
     r = runner.invoke(cli, [*base, "train", "--epochs", "5", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["version"] == 2
+    out = json.loads(r.stdout)
+    assert out["version"] == 2 and len(out["losses"]) == 5
+    # Flags not given take HeadTrainConfig's defaults (the converged, regularised retrain).
+    assert out["config"] == {**asdict(HeadTrainConfig()), "epochs": 5}
     r = runner.invoke(cli, [*base, "predict", str(ANTS[0]), "--top-k", "2", "--json"])
     assert r.exit_code == 0, r.output
     pred = json.loads(r.stdout)["predictions"][0]

@@ -116,5 +116,6 @@ def test_learner_and_cli_with_the_tflite_trainer(device_bundle, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["trainer"] == "tflite" and out["config"]["optimizer"] == "sgd" and out["new_classes"] == ["ants"]
+    assert (out["config"]["epochs"], out["config"]["batch_size"]) == (10, 32)  # the phone's step, not the NumPy defaults
     r = runner.invoke(cli, [*base, "train", "--optimizer", "adam"])
     assert r.exit_code == 1 and "does one SGD step" in r.output
