@@ -282,6 +282,22 @@ def test_head_training_is_deterministic_and_balanced():
     assert not np.array_equal(a[0][0], c[0][0])
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"epochs": 0}, "epochs and batch_size must be >= 1; received 0, 4096"),
+    ({"optimizer": "rmsprop"}, "optimizer must be 'adam' or 'sgd'; received 'rmsprop'"),
+    ({"learning_rate": 0.0}, "learning_rate must be > 0; received 0.0"),
+    ({"l2": -0.1}, "l2 must be >= 0 (0 turns weight decay off); received -0.1"),
+    ({"momentum": 1.0}, "momentum must be in [0, 1); received 1.0"),
+])
+def test_bad_training_settings_say_what_was_received(kw, message):
+    from edgetl.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        train_head([(np.zeros((3, 2), np.float32), np.zeros(2, np.float32))], np.ones((2, 3), np.float32),
+                   np.array([0, 1]), HeadTrainConfig(**kw))
+    assert str(exc.value) == message
+
+
 def test_ncm_scores_prefer_the_nearest_mean():
     means = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
     p = ncm_predict(np.array([[0.9, 0.1], [0.2, 0.8]], np.float32), means)

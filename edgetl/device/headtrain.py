@@ -50,6 +50,10 @@ class HeadTrainConfig:
             raise ConfigError(f"optimizer must be 'adam' or 'sgd'; received {self.optimizer!r}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0; received {self.learning_rate}")
+        if self.l2 < 0:
+            raise ConfigError(f"l2 must be >= 0 (0 turns weight decay off); received {self.l2}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1); received {self.momentum}")
 
 
 def class_weights(y: np.ndarray, num_classes: int, balance: bool) -> np.ndarray:

@@ -80,6 +80,8 @@ class Learner:
         device decoding hides behind inference from the second photo on, and memory stays
         flat however many photos one call gets.
         """
+        if ahead < 1:
+            raise ConfigError(f"ahead must be at least 1 photo; received {ahead}")
         paths = list(images)
         feats, digests, kept, errors = [], [], [], []
 
