@@ -42,7 +42,8 @@ def photos(folder: Path) -> list[Path]:
 def quality(bundle: Path, per_class: int) -> dict:
     from edgetl.device import Learner
 
-    learner = Learner.open(bundle, store=Path(tempfile.mkdtemp()) / "q.sqlite", backend="litert", precision="int8")
+    store = Path(tempfile.mkdtemp()) / "q.sqlite"
+    learner = Learner.open(bundle, store=store, backend="litert", precision="int8")
     flower_labels = learner.labels()
     test = [(p, c) for c in flower_labels for p in photos(FLOWERS / "test" / c)]
     val = [(p, c) for c in ("ants", "bees") for p in photos(HYM / "val" / c)]
@@ -59,6 +60,13 @@ def quality(bundle: Path, per_class: int) -> dict:
            "ncm_new_classes_val": acc(val, "ncm"), "ncm_flowers_test": acc(test, "ncm"),
            "train_seconds": r["seconds"], "samples": r["num_samples"], "per_class": per_class}
     out["flowers_drop_points"] = round(100 * (before - out["flowers_test_after"]), 2)
+    # The phone's path: the same samples, trained through the bundle's trainable TFLite head.
+    learner.rollback(1)
+    learner.close()
+    learner = Learner.open(bundle, store=store, backend="litert", precision="int8", trainer="tflite")
+    learner.train()
+    out["tflite_trainer_flowers_test_after"] = acc(test)
+    out["tflite_trainer_new_classes_val"] = acc(val)
     learner.close()
     return out
 
@@ -83,6 +91,7 @@ for _ in range(5):
     L.runner.run_prepared(x)
 # Rounds interleave the backbone alone, three 1-photo adds and one 10-photo add, so each
 # ratio compares times taken seconds apart (these machines are shared and clocks drift).
+ms = lambda v, q: 1000 * float(np.percentile(v, q))
 bb, add1, add10, r1, r10 = [], [], [], [], []
 it = iter(photos[1:])
 for _ in range(rounds):
@@ -100,20 +109,33 @@ for _ in range(rounds):
     add10.append(t_10)
     r1.append(np.median(t_1) / np.median(t_bb))
     r10.append(t_10 / np.median(t_bb))
+# Where a single-photo add goes: each step of one call, timed on its own (medians over 30 photos).
+parts = {"read_sha256": [], "jpeg_decode": [], "resize": [], "model_input": [], "backbone": [], "commit_fsync": []}
+for p in photos[1:31]:
+    t0 = time.perf_counter(); data, digest = preprocess.read_file_bytes(p)
+    t1 = time.perf_counter(); img = preprocess.decode_image(data, str(p), L.spec.size)
+    t2 = time.perf_counter(); px = preprocess.resize_rgb(img, L.spec.size)
+    t3 = time.perf_counter(); xi = L.runner.prepare(px[None], L.spec)
+    t4 = time.perf_counter(); f = L.runner.run_prepared(xi)
+    t5 = time.perf_counter(); L.store.add(f, "breakdown", [str(p)], [digest])
+    t6 = time.perf_counter()
+    for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+        parts[k].append(v)
+breakdown = {k + "_ms": ms(v, 50) for k, v in parts.items()}
 L.store.remove_label("bench")
+L.store.remove_label("breakdown")
 feats, digests, kept, _ = L.features(photos[:100])
 for i in range(5):
     L.store.add(feats, f"c{i}", kept, digests)
 # The issue's measure: 20 epochs of mini-batch (32) Adam over the 500 stored samples plus the replay set.
 t = time.perf_counter(); r = L.train(HeadTrainConfig(epochs=20, batch_size=32, learning_rate=1e-3, l2=1e-4)); train_s = time.perf_counter() - t
 t = time.perf_counter(); L.train(); default_s = time.perf_counter() - t  # the default: 300 full-batch steps
-ms = lambda v, q: 1000 * float(np.percentile(v, q))
 print(json.dumps({"backend": L.runner.backend, "file": L.backbone_entry["file"], "cold_start_s": cold, "rounds": rounds,
                   "backbone_p50_ms": ms(bb, 50), "backbone_p95_ms": ms(bb, 95),
                   "add_p50_ms": ms(add1, 50), "add_p95_ms": ms(add1, 95), "add_batch10_ms_per_image": ms(add10, 50),
                   "add_over_backbone": float(np.median(r1)), "add_batch10_over_backbone": float(np.median(r10)),
                   "retrain_500x20_s": train_s, "retrain_samples": r["num_samples"] - r["replay"], "retrain_replay": r["replay"],
-                  "retrain_default_s": default_s, "peak_rss_mb": peak_rss_mb()}))
+                  "retrain_default_s": default_s, "add_1_photo_breakdown": breakdown, "peak_rss_mb": peak_rss_mb()}))
 """
 
 
@@ -227,6 +249,11 @@ def main() -> None:
              f"{r['add_batch10_over_backbone']:.2f}", f"{r['retrain_500x20_s']:.3f}", f"{r['retrain_default_s']:.3f}",
              f"{r['cold_start_s']:.2f}", f"{r['peak_rss_mb']:.0f}"] for r in s]
     print(f"retrain: {s[0]['retrain_samples']} stored + {s[0]['retrain_replay']} replay samples")
+    print()
+    print("one single-photo add, step by step (ms, medians over 30 photos):")
+    keys = list(s[0]["add_1_photo_breakdown"])
+    print(table(["backend", *[k[:-3] for k in keys]],
+                [[r["backend"], *[f"{r['add_1_photo_breakdown'][k]:.3f}" for k in keys]] for r in s]))
     print("speed and memory (1 thread, fresh process each):")
     print(table(cols, rows))
     print()
