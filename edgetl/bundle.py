@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError
-from .fileio import atomic_write_json, fsync_dir, sha256_file
+from .fileio import atomic_write_json, commit_dir, make_staging_dir, sha256_file
 from .formats import PREFERENCE
 from .head_arrays import Layers, load_head
 from .preprocess import Preprocessing
@@ -171,32 +170,18 @@ def commit_bundle(staging: Path, target: Path, manifest: dict, force: bool = Fal
     """Write the manifest last, then move the finished staging folder into place.
 
     Until the final rename nothing exists at ``target``: an interrupted export leaves no
-    half bundle (only a hidden staging folder, removed by the next export).
+    half bundle (only a hidden staging folder, removed by the next export); ``force``
+    swaps an existing bundle for the new one atomically (see :func:`edgetl.fileio.commit_dir`).
     """
     atomic_write_json(staging / MANIFEST, manifest)
-    os.chmod(staging, 0o755)  # mkdtemp makes 0700
-    for p in staging.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    if target.exists():
-        if not force:
-            raise BundleError(f"{target} already exists; pass --force to replace it")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-    fsync_dir(target.parent)
-    return target
+    os.chmod(staging, 0o755)
+    if target.exists() and not force:
+        raise BundleError(f"{target} already exists; pass --force to replace it")
+    return commit_dir(staging, target, replace=force)
 
 
 def make_staging(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    return make_staging_dir(target)
 
 
 def zip_bundle(folder: Path, zip_path: Path) -> Path:

@@ -100,7 +100,9 @@ def test_bad_files_are_skipped_counted_or_fatal_in_strict_mode(tmp_path):
     assert summary["num_train"] + summary["num_val"] == 8
     strict = TrainConfig(**{**cfg.to_dict(), "strict": True, "hidden": ()})
     with pytest.raises(DataError, match=r"strict mode"):
-        train(strict)
+        train(strict, force=True)
+    # The failed run left the earlier one as it was.
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["num_skipped"] == 2
 
 
 def test_class_with_only_bad_images_is_a_clear_error(tmp_path):

@@ -1,11 +1,22 @@
-"""Workstation training (needs TensorFlow: ``pip install 'edgetl[train]'``)."""
+"""Workstation training (needs TensorFlow: ``pip install 'edgetl[train]'``).
 
-from ..errors import require
+``TrainConfig`` imports no TensorFlow, so a command can check its arguments before the
+(seconds-long) TensorFlow import; ``train`` imports it on first use.
+"""
 
-require("tensorflow", "train")
-require("keras", "train")
+from .config import TrainConfig
 
-from .config import TrainConfig  # noqa: E402
-from .trainer import train  # noqa: E402
+
+def __getattr__(name: str):
+    if name == "train":
+        from ..errors import require
+
+        require("tensorflow", "train")
+        require("keras", "train")
+        from .trainer import train
+
+        return train
+    raise AttributeError(f"module 'edgetl.train' has no attribute {name!r}")
+
 
 __all__ = ["TrainConfig", "train"]

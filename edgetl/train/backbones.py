@@ -9,7 +9,6 @@ exported heads can never be mixed up between two different backbones.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from .. import preprocess
 from ..errors import ConfigError, ModelError
+from ..weights import keras_models_dir
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,23 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         raise ConfigError(f"unknown backbone {name!r}{hint} Known: {', '.join(BACKBONES)}") from None
 
 
-def keras_cache_dir() -> Path:
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models"
+def resolve_backbone(name: str, alpha: float | None, size: int) -> tuple[BackboneSpec, float | None, int]:
+    """Check a backbone name, width multiplier and input size (no TensorFlow needed)."""
+    spec = get_backbone_spec(name)
+    if spec.alphas is None:
+        if alpha not in (None, 1.0):
+            raise ConfigError(f"backbone {name!r} has no width multiplier; received alpha={alpha}")
+        alpha = None
+    else:
+        alpha = spec.default_alpha if alpha is None else float(alpha)
+        if alpha not in spec.alphas:
+            raise ConfigError(f"alpha for {name!r} must be one of {list(spec.alphas)}; received {alpha}")
+    size = int(size)
+    if not spec.min_size <= size <= spec.max_size:
+        raise ConfigError(
+            f"input size for {name!r} must be between {spec.min_size} and {spec.max_size}; received {size}"
+        )
+    return spec, alpha, size
 
 
 @dataclass
@@ -129,20 +143,7 @@ def build_backbone(
     weights: str = "imagenet",
 ) -> Backbone:
     """Build a pooled, frozen backbone. ``weights``: 'imagenet', 'none' or a path to an .h5 file."""
-    spec = get_backbone_spec(name)
-    if spec.alphas is None:
-        if alpha not in (None, 1.0):
-            raise ConfigError(f"backbone {name!r} has no width multiplier; received alpha={alpha}")
-        alpha = None
-    else:
-        alpha = spec.default_alpha if alpha is None else float(alpha)
-        if alpha not in spec.alphas:
-            raise ConfigError(f"alpha for {name!r} must be one of {list(spec.alphas)}; received {alpha}")
-    size = int(size)
-    if not spec.min_size <= size <= spec.max_size:
-        raise ConfigError(
-            f"input size for {name!r} must be between {spec.min_size} and {spec.max_size}; received {size}"
-        )
+    spec, alpha, size = resolve_backbone(name, alpha, size)
     weights = str(weights)
     if weights.lower() == "none":
         keras_weights = None
@@ -169,12 +170,13 @@ def build_backbone(
     except Exception as exc:  # Keras raises bare Exception on a failed download
         text = str(exc)
         expected = spec.weight_file(alpha, size) if spec.weight_file else None
-        if keras_weights == "imagenet" and (expected is None or not (keras_cache_dir() / expected).is_file()):
+        if keras_weights == "imagenet" and (expected is None or not (keras_models_dir() / expected).is_file()):
             what = expected or f"the {spec.keras_name} no-top .h5 file"
             raise ModelError(
                 f"the ImageNet weights for {name} (alpha {alpha}, {size}x{size}) are not in the Keras cache "
                 f"and could not be downloaded ({text.splitlines()[0][:160] if text else type(exc).__name__}). "
-                f"Put {what} into {keras_cache_dir()} (set KERAS_HOME to move it), "
+                f"Put {what} into {keras_models_dir()} ('edgetl weights add FILE_OR_FOLDER' copies it there; "
+                f"set KERAS_HOME to move it), "
                 f"or pass --weights PATH/TO/FILE.h5"
             ) from None
         if keras_weights not in (None, "imagenet"):

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..errors import ConfigError
+
+CLASS_WEIGHTS = ("balanced", "none")
+DISTRIBUTE = ("none", "mirrored", "multiworker")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -69,6 +74,28 @@ class TrainConfig:
         if "hidden" in kw:
             kw["hidden"] = tuple(kw["hidden"])
         return cls(**kw)
+
+    def check(self) -> None:
+        """Refuse values training cannot use, before anything heavy is imported."""
+        from .backbones import resolve_backbone
+
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1; received {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1; received {self.batch_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1); received {self.dropout}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(f"class_weights must be one of {CLASS_WEIGHTS}; received {self.class_weights!r}")
+        if self.distribute not in DISTRIBUTE:
+            raise ConfigError(f"distribute must be one of {DISTRIBUTE}; received {self.distribute!r}")
+        if self.fine_tune_layers < 0:
+            raise ConfigError(f"fine_tune_layers must be >= 0; received {self.fine_tune_layers}")
+        if self.fine_tune_layers and self.fine_tune_from:
+            raise ConfigError("give either fine_tune_layers or fine_tune_from, not both")
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden layer sizes must be positive; received {list(self.hidden)}")
+        resolve_backbone(self.backbone, self.alpha, self.size)
 
     @property
     def fine_tunes(self) -> bool:

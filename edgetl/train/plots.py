@@ -65,3 +65,53 @@ def plot_confusion(cm: list[list[int]], labels: list[str], path: str | Path, tit
                     color="white" if m[i, j] > hi / 2 else "black")
     _save(fig, Path(path))
     plt.close(fig)
+
+
+def contact_sheet(items: list[dict], path: str | Path, thumb: int = 128, columns: int = 6) -> None:
+    """A JPEG grid of photos with two caption lines each (Pillow only): ``items`` hold
+    ``file`` and ``caption`` (``true -> predicted (score)``)."""
+    from PIL import Image, ImageDraw
+
+    from ..preprocess import load_pixels
+
+    cols = max(1, min(columns, len(items)))
+    rows = max(1, -(-len(items) // cols))
+    cap = 28
+    sheet = Image.new("RGB", (cols * thumb, rows * (thumb + cap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, item in enumerate(items):
+        x, y = (i % cols) * thumb, (i // cols) * (thumb + cap)
+        try:
+            px, _ = load_pixels(item["file"], thumb)
+            sheet.paste(Image.fromarray(px), (x, y))
+        except Exception:  # an unreadable photo still gets its caption
+            draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], outline="grey")
+        for j, line in enumerate(item["caption"].splitlines()[:2]):
+            draw.text((x + 3, y + thumb + 1 + 13 * j), line[:24], fill="black")
+    buf = io.BytesIO()
+    sheet.save(buf, format="JPEG", quality=85)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def write_eval_plots(report: dict, folder: str | Path, max_mistakes: int = 60) -> dict:
+    """``eval --plots``: confusion matrix PNG, misclassified.csv, and a contact sheet of the mistakes."""
+    import csv
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {"confusion_matrix": str(folder / "confusion_matrix.png"),
+               "misclassified": str(folder / "misclassified.csv")}
+    plot_confusion(report["confusion_matrix"], report["labels"], folder / "confusion_matrix.png",
+                   title=Path(report.get("data_dir", "data")).name)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["file", "true", "predicted", "score"])
+    for m in report["misclassified"]:
+        w.writerow([m["file"], m["true"], m["predicted"], f"{m['score']:.4f}"])
+    atomic_write_bytes(folder / "misclassified.csv", buf.getvalue().encode("utf-8"))
+    if report["misclassified"]:
+        items = [{"file": m["file"], "caption": f"{m['true']} ->\n{m['predicted']} ({m['score']:.2f})"}
+                 for m in report["misclassified"][:max_mistakes]]
+        contact_sheet(items, folder / "mistakes.jpg")
+        written["mistakes"] = str(folder / "mistakes.jpg")
+    return written

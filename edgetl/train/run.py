@@ -7,11 +7,27 @@ from functools import cached_property
 from pathlib import Path
 
 from ..data import Sample, scan_folder
-from ..errors import DataError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 from ..head_arrays import Layers, load_head
 from ..preprocess import Preprocessing
 
 RUN_FILES = ("run.json", "model.keras", "head.npz", "labels.txt")
+
+
+def check_run_target(target: Path, force: bool) -> None:
+    """Refuse to write over anything but an empty folder, or (with ``force``) an earlier run."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ConfigError(f"--out {str(target)!r} exists and is not a folder; choose another --out")
+    if not [p for p in target.iterdir() if p.name != "cache"]:
+        return  # empty, or only a feature cache (reused)
+    if not (target / "run.json").is_file():
+        raise ConfigError(f"--out {str(target)!r} exists and is not an edgetl run folder (no run.json); "
+                          "choose another --out")
+    if not force:
+        raise ConfigError(f"--out {str(target)!r} already holds a run; pass --force to replace it "
+                          "(its feature cache is reused) or choose another --out")
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -6,6 +6,7 @@ import csv
 import io
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 from .. import __version__
 from ..data import ImageFolder, scan_folder, split_folder
 from ..errors import ConfigError, DataError
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, commit_dir, make_staging_dir
 from ..head_arrays import head_predict, save_head
 from ..metrics import classification_report
 from .backbones import Backbone, build_backbone, weights_digest
@@ -28,28 +29,10 @@ from .head import (
     head_layers,
     make_image_dataset,
 )
+from .run import check_run_target
 
 log = logging.getLogger("edgetl")
 Progress = Callable[[str, int, int], None]
-
-
-def _check_config(cfg: TrainConfig) -> None:
-    if cfg.epochs < 1:
-        raise ConfigError(f"epochs must be at least 1; received {cfg.epochs}")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1; received {cfg.batch_size}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1); received {cfg.dropout}")
-    if cfg.class_weights not in ("balanced", "none"):
-        raise ConfigError(f"class_weights must be 'balanced' or 'none'; received {cfg.class_weights!r}")
-    if cfg.distribute not in ("none", "mirrored", "multiworker"):
-        raise ConfigError(f"distribute must be 'none', 'mirrored' or 'multiworker'; received {cfg.distribute!r}")
-    if cfg.fine_tune_layers < 0:
-        raise ConfigError(f"fine_tune_layers must be >= 0; received {cfg.fine_tune_layers}")
-    if cfg.fine_tune_layers and cfg.fine_tune_from:
-        raise ConfigError("give either fine_tune_layers or fine_tune_from, not both")
-    if any(h < 1 for h in cfg.hidden):
-        raise ConfigError(f"hidden layer sizes must be positive; received {list(cfg.hidden)}")
 
 
 def get_strategy(name: str):
@@ -104,6 +87,14 @@ def _history_rows(history, stage: str, offset: int) -> list[dict]:
     return rows
 
 
+def _stopping_summary(history, monitor: str, epochs: int, patience: int) -> dict:
+    """How head training ended: epochs run, the epoch whose weights were kept, early stop or not."""
+    values = history.history.get(monitor) or [0.0]
+    run = len(values)
+    return {"epochs": epochs, "epochs_run": run, "best_epoch": int(np.argmin(values)) + 1,
+            "stopped_early": run < epochs, "monitor": monitor, "patience": patience}
+
+
 def _loss(label_smoothing: float):
     import keras
 
@@ -137,15 +128,45 @@ def _unfreeze(backbone: Backbone, cfg: TrainConfig) -> int:
     return count
 
 
-def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
-    """Train a classifier and write the run folder. Returns the run's summary (JSON-ready)."""
-    _check_config(cfg)
+def train(cfg: TrainConfig, progress: Progress | None = None, force: bool = False) -> dict:
+    """Train a classifier and write the run folder. Returns the run's summary (JSON-ready).
+
+    The run is built in a hidden staging folder beside ``cfg.out_dir`` and moved into place in
+    one step when complete: a failed or killed run leaves nothing at ``out_dir``, and a reader
+    never sees a mix of two runs. An existing run is replaced only with ``force``.
+    """
+    cfg.check()
+    target = Path(cfg.out_dir)
+    check_run_target(target, force)
+    staging = make_staging_dir(target)
+    try:
+        summary = _train(cfg, target, staging, progress)
+        commit_dir(staging, target, replace=target.exists())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary
+
+
+def _seed_cache(old: Path, new: Path) -> None:
+    """Reuse an earlier run's feature cache: hard links where possible (the files are replaced, never edited)."""
+    if not old.is_dir():
+        return
+    new.mkdir(parents=True, exist_ok=True)
+    for f in old.glob("*.npz"):
+        try:
+            os.link(f, new / f.name)
+        except OSError:
+            shutil.copy2(f, new / f.name)
+
+
+def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None) -> dict:
     t_start = time.perf_counter()
     import keras
 
     keras.utils.set_random_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.cache_dir is None:
+        _seed_cache(target / "cache", out / "cache")
 
     train_folder = scan_folder(cfg.data_dir, min_classes=2)
     if cfg.val_dir:
@@ -210,6 +231,10 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
                                callbacks=[early, _progress_callback(progress, "head (augmented)", cfg.epochs)])
     history_rows += _history_rows(hist, "head", 0)
     t_head = time.perf_counter() - t0
+    head_training = _stopping_summary(hist, monitor, cfg.epochs, cfg.patience)
+    if progress:  # close the bar at the epoch training stopped at (its timer stops there too)
+        progress("head" if not cfg.augment else "head (augmented)", head_training["epochs_run"],
+                 head_training["epochs_run"])
 
     fine = None
     t_fine = 0.0
@@ -225,6 +250,9 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
         hist = classifier.fit(ds_tr, validation_data=ds_va, epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=0,
                               callbacks=[early_ft, _progress_callback(progress, "fine-tune", cfg.fine_tune_epochs)])
         history_rows += _history_rows(hist, "fine_tune", len(history_rows))
+        if progress:
+            ran = len(hist.history.get("loss", []))
+            progress("fine-tune", ran, ran)
         backbone.model.trainable = False
         backbone.weights_sha256 = weights_digest(backbone.model)
         fine = {"layers_unfrozen": n_unfrozen, "epochs_run": len(hist.history.get("loss", [])),
@@ -247,7 +275,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
     skipped = tr.skipped + va.skipped
     summary = {
         "edgetl_version": __version__,
-        "run_dir": str(out),
+        "run_dir": str(target),
         "classes": classes,
         "num_train": int(len(tr.labels)),
         "num_val": int(len(va.labels)),
@@ -258,9 +286,10 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
         "backbone": backbone.identity(),
         "preprocessing": spec.to_dict(),
         "head": {"layers": [list(w.shape) for w, _ in layers], "activation": "relu", "output": "softmax"},
+        "head_training": head_training,
         "fine_tune": fine,
         "augment": cfg.augment,
-        "feature_cache": {"path": str(cache.path), "hits": tr.cache_hits + va.cache_hits,
+        "feature_cache": {"path": str(_final_path(cache.path, out, target)), "hits": tr.cache_hits + va.cache_hits,
                           "computed": tr.computed + va.computed},
         "devices": {"gpus": gpus, "distribute": cfg.distribute,
                     "replicas": int(strategy.num_replicas_in_sync)},
@@ -275,6 +304,14 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
     summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     atomic_write_json(out / "run.json", _run_json(summary, tr, va))
     return summary
+
+
+def _final_path(p: Path, staging: Path, target: Path) -> Path:
+    """Where ``p`` will be once the staging folder is moved into place."""
+    try:
+        return target / Path(p).relative_to(staging)
+    except ValueError:
+        return Path(p)
 
 
 def _check_usable(feats: Features, folder: ImageFolder, what: str) -> None:
