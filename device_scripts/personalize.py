@@ -23,6 +23,7 @@ from pathlib import Path
 from edgetl.device import HeadTrainConfig, Learner
 from edgetl.device.inbox import copy_to_inbox, ensure_layout, process_inbox
 from edgetl.errors import EdgetlError
+from edgetl.formats import BACKENDS
 
 log = logging.getLogger("edgetl")
 
@@ -63,7 +64,8 @@ def open_camera(index: int = 0):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--bundle", required=True, help="bundle folder or .zip from 'edgetl export'")
     p.add_argument("--store", default=None, help="sample store file (default $EDGETL_HOME/<bundle>.sqlite)")
     p.add_argument("--inbox", required=True, type=Path, help="inbox folder (created if missing)")
@@ -72,9 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between inbox scans")
     p.add_argument("--once", action="store_true", help="process the inbox once and exit")
     p.add_argument("--camera", action="store_true", help="also classify a camera frame every --interval seconds")
-    p.add_argument("--backend", choices=["litert", "tflite_runtime", "onnxruntime"], default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None, help="head training passes (default: edgetl's, 300 full-batch)")
+    p.add_argument("--backend", choices=list(BACKENDS), default=None,
+                   help="backbone runtime (default: the bundle's preferred backbone file)")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
+    p.add_argument("--epochs", type=int, default=HeadTrainConfig().epochs, help="head training passes (full batch)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
         return 1
     ensure_layout(a.inbox)
     predictions = a.predictions or a.inbox / "predictions.jsonl"
-    cfg = HeadTrainConfig() if a.epochs is None else HeadTrainConfig(epochs=a.epochs)
+    cfg = HeadTrainConfig(epochs=a.epochs)
     grab = open_camera() if a.camera else None
     stop = False
 

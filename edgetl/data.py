@@ -163,3 +163,30 @@ def read_labels(path: str | Path) -> list[str]:
     if not lines:
         raise DataError(f"labels file {str(p)!r} is empty; expected one label per line")
     return [line.strip() for line in lines]
+
+
+GLOB_CHARS = set("*?[")
+
+
+def expand_images(args: list[str | Path]) -> list[Path]:
+    """Command-line image arguments as files: a folder gives its image files (recursively,
+    sorted), a glob pattern (``'test/*/*.jpg'``, ``**`` allowed) the images it matches, a file
+    itself. A name that matches nothing is kept, so that the caller reports it by name."""
+    import glob
+
+    out: list[Path] = []
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if is_image_file(f))
+            if not found:
+                raise DataError(f"folder {str(p)!r} holds no image files (extensions {', '.join(IMAGE_EXTENSIONS)})")
+            out += found
+        elif not p.exists() and GLOB_CHARS & set(str(a)):
+            found = sorted(Path(f) for f in glob.glob(str(a), recursive=True) if is_image_file(Path(f)))
+            if not found:
+                raise DataError(f"pattern {str(a)!r} matches no image files")
+            out += found
+        else:
+            out.append(p)
+    return out

@@ -65,6 +65,9 @@ PREFERENCE = (("tflite", "int8"), ("tflite", "dynamic"), ("tflite", "fp16"), ("t
               ("onnx", "int8"), ("onnx", "fp32"))
 
 IO_TYPES = ("int8", "uint8", "float")
+# Every runtime and precision the table names, in table order (CLI choices come from here).
+BACKENDS = tuple(dict.fromkeys(f.runtime for f in FORMATS.values()))
+PRECISIONS = tuple(dict.fromkeys(p for f in FORMATS.values() for p in f.precisions))
 
 
 def _suggest(name: str, choices) -> str:

@@ -168,7 +168,7 @@ def evaluate(
     folder = scan_folder(data_dir, classes=predictor.labels)
     if not folder.samples:
         raise DataError(f"{str(data_dir)!r} holds no images of the model's classes {predictor.labels}")
-    y_true, y_pred, skipped = [], [], []
+    y_true, y_pred, skipped, files = [], [], [], []
     done = 0
     for chunk in preprocess.iter_chunks(folder.samples, batch_size):
         x, y, bad = load_samples(list(chunk), predictor.preprocessing)
@@ -178,13 +178,21 @@ def evaluate(
             log.warning("skipping %s", reason)
             skipped.append({"file": path, "reason": reason})
         if len(y):
-            y_pred.extend(np.argmax(predictor.predict(x), axis=1).tolist())
+            probs = predictor.predict(x)
+            pred = np.argmax(probs, axis=1)
+            y_pred.extend(pred.tolist())
             y_true.extend(y.tolist())
+            bad_paths = {b[0] for b in bad}
+            good = [s for s in chunk if str(s.path) not in bad_paths]
+            for s, p, row in zip(good, pred, probs):
+                files.append({"file": str(s.path), "true": predictor.labels[s.label],
+                              "predicted": predictor.labels[int(p)], "score": float(row[int(p)])})
         done += len(chunk)
         if progress:
             progress("evaluate", done, len(folder.samples))
     report = classification_report(np.array(y_true), np.array(y_pred), predictor.labels)
     report["skipped"] = skipped
+    report["misclassified"] = [f for f in files if f["true"] != f["predicted"]]
     report["model"] = predictor.source
     report["data_dir"] = str(data_dir)
     return report

@@ -2,24 +2,91 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import io
 import json
 import logging
 import os
 import sys
+import tempfile
+import warnings
 
 import click
 
-from ..errors import EdgetlError
+from ..errors import EdgetlError, ExportError
 
 log = logging.getLogger("edgetl")
 
 
+_VERBOSE = False
+
+
+def set_verbose(verbose: bool) -> None:
+    global _VERBOSE
+    _VERBOSE = verbose
+
+
+class NativeStderr:
+    """Hold back what native libraries write straight to file descriptor 2.
+
+    TensorFlow, XLA, absl and the TFLite converter print start-up and conversion chatter from
+    C++ (CUDA probing, oneDNN notices, ``fully_quantize: 0 ...``) that no Python setting
+    silences. While active, descriptor 2 goes to a temporary file and Python's ``sys.stderr``
+    (progress bars, warnings, errors) to the terminal as before. ``stop(replay=True)`` prints
+    what was held back, so a failure still shows the native messages that led to it.
+    """
+
+    active: NativeStderr | None = None
+
+    def __init__(self):
+        self._saved_fd = None
+        self._saved_stderr = None
+        self._log = None
+
+    def start(self) -> None:
+        if NativeStderr.active is not None:
+            return
+        sys.stderr.flush()
+        self._log = tempfile.TemporaryFile()
+        self._saved_fd = os.dup(2)
+        self._saved_stderr = sys.stderr
+        sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(self._saved_fd), "wb", buffering=0),
+                                      encoding=getattr(self._saved_stderr, "encoding", None) or "utf-8",
+                                      errors="backslashreplace", line_buffering=True, write_through=True)
+        os.dup2(self._log.fileno(), 2)
+        NativeStderr.active = self
+
+    def stop(self, replay: bool = False) -> None:
+        if NativeStderr.active is not self:
+            return
+        NativeStderr.active = None
+        sys.stderr.flush()
+        os.dup2(self._saved_fd, 2)
+        os.close(self._saved_fd)
+        held = sys.stderr
+        sys.stderr = self._saved_stderr
+        held.close()
+        self._log.seek(0)
+        text = self._log.read().decode("utf-8", "backslashreplace")
+        self._log.close()
+        if replay and text.strip():
+            sys.stderr.write("native library messages (held back while the command ran):\n" + text)
+            sys.stderr.flush()
+
+
 def quiet_tensorflow() -> None:
-    """Keep TensorFlow's own chatter (C++ and its Python logger) off the user's terminal."""
+    """Keep TensorFlow's own chatter (C++ and its Python logger) off the user's terminal.
+
+    Unless ``edgetl -v`` was given, native stderr output is held back for the rest of the
+    command and shown only if the command fails (see :class:`NativeStderr`).
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    if not _VERBOSE:
+        warnings.filterwarnings("ignore", module=r"(keras|tensorflow|tf2onnx|absl)(\.|$)")
+        NativeStderr().start()
 
 
 def handle_errors(fn):
@@ -27,18 +94,40 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        replay = True  # an unexpected failure shows the native messages that led to it
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            replay = False
+            return result
+        except (SystemExit, click.ClickException):
+            replay = False
+            raise
         except EdgetlError as exc:
+            replay = isinstance(exc, ExportError)  # a converter's own messages say why it failed
             raise click.ClickException(str(exc)) from None
         except OSError as exc:  # a full disk, a read-only folder, a permission: say which file and why
+            replay = False
             where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(
                 f"{where}{exc.strerror or exc} (nothing was left half-written: edgetl writes a temporary "
                 "file and renames it only when complete)"
             ) from None
+        finally:
+            if NativeStderr.active is not None:
+                NativeStderr.active.stop(replay=replay)
 
     return wrapper
+
+
+def default(config_cls, name: str):
+    """A config dataclass's default for ``name``: CLI defaults are read from here, never re-typed."""
+    for f in dataclasses.fields(config_cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    raise KeyError(f"{config_cls.__name__} has no field {name!r} with a default")
 
 
 def json_option(fn):
@@ -112,6 +201,16 @@ class ProgressBars:
         if stage not in self._tasks:
             self._tasks[stage] = self._progress.add_task(stage, total=total)
         self._progress.update(self._tasks[stage], completed=done, total=total)
+
+
+def print_predictions(predictions: list[dict]) -> None:
+    """One line per image: the best label and score, then the other top-k labels."""
+    for p in predictions:
+        if "error" in p:
+            click.echo(f"{p['file']}: error: {p['error']}")
+            continue
+        rest = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.get("top", [])[1:])
+        click.echo(f"{p['file']}: {p['label']} ({p['score']:.3f})" + (f"  [{rest}]" if rest else ""))
 
 
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:

@@ -2,37 +2,90 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from datetime import datetime
 from pathlib import Path
 
 import click
 
-from .common import emit_json, handle_errors, json_option, print_table, setup_logging
+from ..data import expand_images
+from ..device.headtrain import OPTIMIZERS, HeadTrainConfig
+from ..device.tflite_trainer import config_for
+from ..formats import BACKENDS, PRECISIONS
+from .common import emit_json, handle_errors, json_option, print_predictions, print_table, setup_logging
+
+TRAINERS = ("numpy", "tflite")
+MODES = ("head", "ncm")
 
 
-@click.group()
-@click.option("--bundle", envvar="EDGETL_BUNDLE", type=click.Path(path_type=Path), default=None,
-              help="Bundle folder or .zip (env EDGETL_BUNDLE). Required by every command.")
-@click.option("--store", envvar="EDGETL_STORE", type=click.Path(path_type=Path), default=None,
-              help="Sample store file (env EDGETL_STORE; default $EDGETL_HOME/<bundle name>.sqlite).")
-@click.option("--backend", type=click.Choice(["litert", "tflite_runtime", "onnxruntime"]), default=None,
-              help="Backbone runtime (default: the bundle's preferred backbone file).")
-@click.option("--precision", default=None, help="Which backbone file of the bundle to use, e.g. int8 or fp32.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default: all cores).")
-@click.option("--trainer", type=click.Choice(["numpy", "tflite"]), default="numpy", show_default=True,
-              help="Head trainer: NumPy, or the bundle's trainable TFLite head (the phone's path).")
+_H = HeadTrainConfig()  # the NumPy trainer's defaults, read (never re-typed) for the help texts
+_PHONE = inspect.signature(config_for).parameters  # the phone trainer's epochs and batch size
+_KEYS = ("bundle", "store", "backend", "precision", "threads", "trainer")
+
+
+def _device_options(at_group: bool):
+    """The options every device command needs. They are accepted before the subcommand
+    (``edgetl device --bundle B info``) and after it (``edgetl device info --bundle B``)."""
+    env = {"bundle": "EDGETL_BUNDLE", "store": "EDGETL_STORE"} if at_group else {}
+    return [
+        click.option("--bundle", envvar=env.get("bundle"), type=click.Path(path_type=Path), default=None,
+                     help="Bundle folder or .zip from 'edgetl export' (env EDGETL_BUNDLE). Required."),
+        click.option("--store", envvar=env.get("store"), type=click.Path(path_type=Path), default=None,
+                     help="Sample store file (env EDGETL_STORE; default $EDGETL_HOME/<bundle name>.sqlite, "
+                          "EDGETL_HOME defaulting to ~/.local/share/edgetl)."),
+        click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
+                     help="Backbone runtime (default: the file the store was made with, else the bundle's "
+                          "preferred backbone file)."),
+        click.option("--precision", type=click.Choice(list(PRECISIONS)), default=None,
+                     help="Which backbone file of the bundle to use (default: as for --backend)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default: all cores)."),
+        click.option("--trainer", type=click.Choice(list(TRAINERS)), default="numpy" if at_group else None,
+                     show_default=at_group,
+                     help="Head trainer: NumPy, or the bundle's trainable TFLite head (the phone's path)."),
+    ]
+
+
+def device_command(*args, **kwargs):
+    """``@device.command`` whose function also takes the device options (given after the subcommand)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            ctx = click.get_current_context()
+            for k in _KEYS:
+                v = kw.pop(k, None)
+                if v is not None:
+                    ctx.obj[k] = v
+            return fn(*a, **kw)
+
+        for opt in reversed(_device_options(at_group=False)):
+            wrapper = opt(wrapper)
+        return device.command(*args, **kwargs)(wrapper)
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.pass_context
-def device(ctx, bundle, store, backend, precision, threads, trainer):
+def device(ctx, **options):
     """Keep learning on the device: add photos, retrain the head, predict, roll back.
+
+    Every command needs the bundle (--bundle or EDGETL_BUNDLE); the options below may
+    also be given after the command's name.
 
     \b
     edgetl device --bundle models/flowers add --label mug img1.jpg img2.jpg
     edgetl device --bundle models/flowers train
     edgetl device --bundle models/flowers predict photo.jpg --json
+    edgetl device --bundle models/flowers eval photos/ ; edgetl device ... export --out models/mine
     """
     setup_logging()
-    ctx.obj = {"bundle": bundle, "store": store, "backend": backend, "precision": precision, "threads": threads,
-               "trainer": trainer}
+    ctx.obj = dict(options)
+
+
+for _opt in _device_options(at_group=True):  # on a built Group, each option is appended in order
+    device = _opt(device)
 
 
 def _learner(ctx):
@@ -46,7 +99,7 @@ def _learner(ctx):
                         threads=o["threads"], trainer=o["trainer"])
 
 
-@device.command()
+@device_command()
 @json_option
 @click.pass_context
 @handle_errors
@@ -62,17 +115,22 @@ def info(ctx, as_json):
     click.echo(f"{'samples:':<17}" + (", ".join(f"{k} {v}" for k, v in d["samples"].items()) or "none"))
 
 
-@device.command()
+@device_command()
 @click.option("--label", "-l", required=True, help="The class of these photos (a new name makes a new class).")
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--new-class", is_flag=True, help="Make --label a class of its own even if it differs from an "
+              "existing one only in case ('Tulips' beside 'tulips').")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage type of the features.")
 @json_option
 @click.pass_context
 @handle_errors
-def add(ctx, label, images, dtype, as_json):
-    """Store labelled photos as features. Unreadable photos are named; the rest are stored."""
-    r = _learner(ctx).add([str(i) for i in images], label, dtype=dtype)
+def add(ctx, label, images, new_class, dtype, as_json):
+    """Store labelled IMAGES (files, folders or glob patterns) as features.
+
+    Unreadable photos are named; the rest are stored.
+    """
+    r = _learner(ctx).add([str(i) for i in expand_images(list(images))], label, dtype=dtype, new_class=new_class)
     if as_json:
         emit_json(r)
     else:
@@ -84,30 +142,29 @@ def add(ctx, label, images, dtype, as_json):
         raise SystemExit(1)
 
 
-@device.command()
+@device_command()
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Passes over replay + stored samples (default 300; with --trainer tflite: 20).")
+              help=f"Passes over replay + stored samples (default {_H.epochs}; with --trainer tflite: "
+                   f"{_PHONE['epochs'].default}).")
 @click.option("--lr", "learning_rate", type=float, default=None,
-              help="Learning rate (default 1e-2; with --trainer tflite: the bundle's).")
+              help=f"Learning rate (default {_H.learning_rate}; with --trainer tflite: the bundle's).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Samples per step (default 4096, i.e. full batch for most stores; with --trainer tflite: 32).")
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None,
-              help="adam (default) or sgd; --trainer tflite uses the bundle's SGD step.")
-@click.option("--l2", type=float, default=None, help="L2 weight decay (default 0.3; with --trainer tflite: the bundle's).")
+              help=f"Samples per step (default {_H.batch_size}, i.e. full batch for most stores; with --trainer "
+                   f"tflite: {_PHONE['batch_size'].default}).")
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=None,
+              help=f"Optimizer (default {_H.optimizer}); --trainer tflite uses the bundle's SGD step.")
+@click.option("--l2", type=float, default=None,
+              help=f"L2 weight decay (default {_H.l2}; with --trainer tflite: the bundle's).")
 @click.option("--no-balance", is_flag=True, help="Do not weight classes inversely to their sample counts.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_H.seed, show_default=True, help="Random seed (sample order).")
 @json_option
 @click.pass_context
 @handle_errors
 def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, seed, as_json):
     """Retrain the head on the stored samples plus the bundle's replay features."""
-    from ..device import HeadTrainConfig
-
     learner = _learner(ctx)
     given = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None}
     if ctx.obj["trainer"] == "tflite" and learning_rate is None and optimizer is None and l2 is None:
-        from ..device.tflite_trainer import config_for
-
         cfg = config_for(learner.bundle.pick("trainable_head"), seed=seed, **given)
     else:
         d = HeadTrainConfig()
@@ -125,27 +182,74 @@ def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, see
         click.echo(f"new classes: {', '.join(r['new_classes'])}")
 
 
-@device.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--mode", type=click.Choice(["head", "ncm"]), default="head", show_default=True,
+@device_command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many of the best labels to show per image.")
+@click.option("--mode", type=click.Choice(list(MODES)), default="head", show_default=True,
               help="head: the trained head; ncm: nearest class mean of stored samples (no training needed).")
 @json_option
 @click.pass_context
 @handle_errors
 def predict(ctx, images, top_k, mode, as_json):
-    """Classify photos with the active head (or nearest class mean)."""
-    r = _learner(ctx).predict([str(i) for i in images], top_k=top_k, mode=mode)
+    """Classify IMAGES (files, folders or glob patterns) with the active head (or nearest class mean)."""
+    r = _learner(ctx).predict([str(i) for i in expand_images(list(images))], top_k=top_k, mode=mode)
     if as_json:
         emit_json(r)
     else:
-        for p in r["predictions"]:
-            click.echo(f"{p['file']}: error: {p['error']}" if "error" in p else f"{p['file']}: {p['label']} ({p['score']:.3f})")
+        print_predictions(r["predictions"])
     if any("error" in p for p in r["predictions"]):
         raise SystemExit(1)
 
 
-@device.command()
+@device_command("eval")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--mode", type=click.Choice(list(MODES)), default="head", show_default=True,
+              help="head: the active head; ncm: nearest class mean.")
+@json_option
+@click.pass_context
+@handle_errors
+def eval_cmd(ctx, data_dir, mode, as_json):
+    """Accuracy on DATA_DIR (one sub-folder per class), for the bundle's classes and the new ones apart."""
+    r = _learner(ctx).evaluate(data_dir, mode=mode)
+    if as_json:
+        emit_json(r)
+        return
+    rows = [[label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]]
+            for label, m in r["per_class"].items() if m["support"]]
+    print_table(f"{r['model']}: accuracy {r['accuracy']:.4f} on {sum(x[4] for x in rows)} images",
+                ["class", "precision", "recall", "f1", "support"], rows)
+    for group in ("original_classes", "new_classes"):
+        g = r[group]
+        if g["num_images"]:
+            click.echo(f"{group.replace('_', ' ')}: accuracy {g['accuracy']:.4f} on {g['num_images']} images")
+    for s in r["skipped"]:
+        click.echo(f"skipped: {s['reason']}", err=True)
+
+
+@device_command("export")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@json_option
+@click.pass_context
+@handle_errors
+def export_cmd(ctx, out, force, as_json):
+    """Write the personalized head, its labels and replay features as a new bundle.
+
+    The new bundle holds the backbone file this store uses; 'edgetl eval/predict' and
+    another device open it like any exported bundle.
+    """
+    r = _learner(ctx).export(out, force=force)
+    if as_json:
+        emit_json(r)
+        return
+    click.echo(f"bundle: {r['bundle']} ({r['backbone_file']} + head version {r['head_version']}, "
+               f"{len(r['labels'])} classes, {r['replay_samples']} replay samples)")
+    if r["left_out"]:
+        click.echo(f"left out (their heads are not this device's): {', '.join(r['left_out'])}")
+
+
+@device_command()
 @json_option
 @click.pass_context
 @handle_errors
@@ -161,8 +265,8 @@ def history(ctx, as_json):
     print_table("head versions", ["active", "version", "created", "origin", "classes", "train acc"], rows)
 
 
-@device.command()
-@click.argument("version", type=int, required=False)
+@device_command()
+@click.argument("version", type=click.IntRange(min=1), required=False)
 @json_option
 @click.pass_context
 @handle_errors
@@ -175,7 +279,7 @@ def rollback(ctx, version, as_json):
         click.echo(f"active head: version {r['version']} ({', '.join(r['labels'])})")
 
 
-@device.command()
+@device_command()
 @click.argument("label")
 @json_option
 @click.pass_context

@@ -85,20 +85,24 @@ def _fmt(v, spec="{:.3f}"):
 
 
 @click.command()
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-f", "--format", "targets", multiple=True, default=None,
               help="Targets as for export (default: every format and precision). Run folders only.")
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed batch-1 runs per file.")
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
-@click.option("--calibration-images", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--max-drop", type=float, default=1.0, show_default=True)
-@click.option("--io", type=click.Choice(IO_TYPES), default="int8", show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Untimed runs per file before the timed ones.")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Training photos used to calibrate int8 (run folders).")
+@click.option("--max-drop", type=float, default=1.0, show_default=True,
+              help="Mark an int8 file as failed when its accuracy is more than this many points below Keras.")
+@click.option("--io", type=click.Choice(IO_TYPES), default="int8", show_default=True,
+              help="Input/output type of full-integer int8 TFLite files.")
 @threads_option
 @json_option
 @handle_errors
-def bench(source, data_dir, targets, runs, warmup, calibration_images, max_drop, io, threads, as_json):
-    """Benchmark every format x precision of SOURCE (run folder or bundle) on DATA_DIR.
+def bench(model, data_dir, targets, runs, warmup, calibration_images, max_drop, io, threads, as_json):
+    """Benchmark every format x precision of MODEL (run folder or bundle) on DATA_DIR.
 
     Rows: status, file size, accuracy and its difference to Keras, batch-1 latency p50/p95 with
     one thread and with all threads, and peak memory of a process running the file.
@@ -107,7 +111,7 @@ def bench(source, data_dir, targets, runs, warmup, calibration_images, max_drop,
     from ..benchmark import bench as run_bench
 
     with ProgressBars() as bars:
-        result = run_bench(source, data_dir, targets=list(targets) or None, runs=runs, warmup=warmup, threads=threads,
+        result = run_bench(model, data_dir, targets=list(targets) or None, runs=runs, warmup=warmup, threads=threads,
                            calibration_images=calibration_images, max_drop=max_drop, io=io, progress=bars)
     if as_json:
         emit_json(result)

@@ -6,7 +6,20 @@ from pathlib import Path
 
 import click
 
-from .common import ProgressBars, emit_json, handle_errors, json_option, print_table, quiet_tensorflow, threads_option
+from ..formats import BACKENDS, PRECISIONS
+from ..train.backbones import BACKBONES
+from ..train.config import CLASS_WEIGHTS, DISTRIBUTE, TrainConfig
+from .common import (
+    ProgressBars,
+    default,
+    emit_json,
+    handle_errors,
+    json_option,
+    print_predictions,
+    print_table,
+    quiet_tensorflow,
+    threads_option,
+)
 
 
 def _parse_hidden(ctx, param, value: str | None) -> tuple[int, ...]:
@@ -21,71 +34,92 @@ def _parse_hidden(ctx, param, value: str | None) -> tuple[int, ...]:
     return sizes
 
 
+_T = TrainConfig  # defaults are read from the config dataclass: written once
+
+
 @click.command()
-@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Run folder to write (default: runs/<data folder name>).")
-@click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--force", is_flag=True, help="Replace an existing run folder at --out (its feature cache is reused).")
+@click.option("--val", "val_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Validation folder with the same class folders (default: hold out --val-split).")
-@click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
-              help="Fraction of each class held out for validation, chosen by hash of the file path.")
-@click.option("--backbone", default="mobilenet_v2", show_default=True,
-              help="mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0, vgg16, resnet50.")
-@click.option("--alpha", type=float, default=None, help="Width multiplier (MobileNet; default 1.0).")
-@click.option("--size", type=int, default=224, show_default=True, help="Square input size in pixels.")
-@click.option("--weights", default="imagenet", show_default=True,
+@click.option("--val-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=default(_T, "val_split"),
+              show_default=True, help="Fraction of each class held out for validation, chosen by hash of the file path.")
+@click.option("--backbone", type=click.Choice(list(BACKBONES)), default=default(_T, "backbone"), show_default=True,
+              help="Pretrained ImageNet feature extractor.")
+@click.option("--alpha", type=float, default=None,
+              help=f"Width multiplier of MobileNet backbones (default {default(_T, 'alpha')}; "
+                   f"mobilenet_v2: {', '.join(map(str, BACKBONES['mobilenet_v2'].alphas))}).")
+@click.option("--size", type=int, default=default(_T, "size"), show_default=True, help="Square input size in pixels.")
+@click.option("--weights", default=default(_T, "weights"), show_default=True,
               help="'imagenet' (Keras cache, downloads when online), a path to an .h5 file, or 'none'.")
-@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=default(_T, "epochs"), show_default=True,
               help="Head epochs; early stopping on validation loss keeps the best weights.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", "learning_rate", type=float, default=1e-3, show_default=True, help="Head learning rate (Adam).")
-@click.option("--hidden", callback=_parse_hidden, default=None, help="Hidden Dense layer sizes, e.g. '512' or '512,128'.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True)
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
-@click.option("--class-weights", type=click.Choice(["balanced", "none"]), default="balanced", show_default=True)
-@click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True, help="Early-stopping patience.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=default(_T, "batch_size"), show_default=True,
+              help="Images per step (feature extraction and head training).")
+@click.option("--lr", "learning_rate", type=float, default=default(_T, "learning_rate"), show_default=True,
+              help="Head learning rate (Adam).")
+@click.option("--hidden", callback=_parse_hidden, default=None,
+              help="Hidden Dense layer sizes of the head, e.g. '512' or '512,128' (default: none, a linear head).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=default(_T, "dropout"), show_default=True,
+              help="Dropout before each Dense layer of the head.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=default(_T, "label_smoothing"),
+              show_default=True, help="Label smoothing of the one-hot targets.")
+@click.option("--class-weights", type=click.Choice(list(CLASS_WEIGHTS)), default=default(_T, "class_weights"),
+              show_default=True, help="balanced: weight classes inversely to their photo counts.")
+@click.option("--patience", type=click.IntRange(min=1), default=default(_T, "patience"), show_default=True,
+              help="Early stopping: epochs without a better validation loss before stopping.")
 @click.option("--augment", is_flag=True,
               help="Train on augmented images (flip, rotation, zoom, brightness) instead of cached features; "
                    "runs the backbone on every image every epoch.")
-@click.option("--fine-tune-layers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Unfreeze the top N backbone layers after the head (BatchNorm stays frozen).")
+@click.option("--fine-tune-layers", type=click.IntRange(min=0), default=default(_T, "fine_tune_layers"),
+              show_default=True, help="Unfreeze the top N backbone layers after the head (BatchNorm stays frozen).")
 @click.option("--fine-tune-from", default=None, help="Unfreeze the backbone from this layer name upwards.")
-@click.option("--fine-tune-epochs", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--fine-tune-lr", type=float, default=1e-5, show_default=True)
-@click.option("--distribute", type=click.Choice(["none", "mirrored", "multiworker"]), default="none", show_default=True,
+@click.option("--fine-tune-epochs", type=click.IntRange(min=1), default=default(_T, "fine_tune_epochs"),
+              show_default=True, help="Epochs of fine-tuning (with --fine-tune-layers or --fine-tune-from).")
+@click.option("--fine-tune-lr", type=float, default=default(_T, "fine_tune_lr"), show_default=True,
+              help="Learning rate of fine-tuning (Adam).")
+@click.option("--distribute", type=click.Choice(list(DISTRIBUTE)), default=default(_T, "distribute"), show_default=True,
               help="mirrored: all local GPUs; multiworker: the cluster in TF_CONFIG.")
 @click.option("--mixed-precision", is_flag=True, help="float16 compute on GPU.")
 @click.option("--strict", is_flag=True, help="An unreadable image is an error instead of a skipped file.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=default(_T, "seed"), show_default=True, help="Random seed.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Feature cache folder (default: RUN_DIR/cache).")
 @json_option
 @handle_errors
-def train(data_dir, out_dir, val_dir, val_split, backbone, alpha, size, weights, epochs, batch_size, learning_rate,
-          hidden, dropout, label_smoothing, class_weights, patience, augment, fine_tune_layers, fine_tune_from,
-          fine_tune_epochs, fine_tune_lr, distribute, mixed_precision, strict, seed, cache_dir, as_json):
+def train(data_dir, out_dir, force, val_dir, val_split, backbone, alpha, size, weights, epochs, batch_size,
+          learning_rate, hidden, dropout, label_smoothing, class_weights, patience, augment, fine_tune_layers,
+          fine_tune_from, fine_tune_epochs, fine_tune_lr, distribute, mixed_precision, strict, seed, cache_dir,
+          as_json):
     """Train a classifier on DATA_DIR (one sub-folder of images per class).
 
     The frozen backbone turns each image into a feature once (cached in the run folder);
     the head trains on those features in seconds. Writes the run folder: model.keras,
     head.npz, labels.txt, config.json, run.json, history.csv, metrics.json and plots.
+    A failed run leaves nothing behind; an existing run is replaced only with --force.
     """
-    quiet_tensorflow()
-    from ..train import TrainConfig
-    from ..train import train as run_train
+    from ..train.run import check_run_target
 
     out_dir = out_dir or Path("runs") / Path(data_dir).resolve().name
+    spec = BACKBONES[backbone]
     cfg = TrainConfig(
         data_dir=str(data_dir), out_dir=str(out_dir), val_dir=str(val_dir) if val_dir else None, val_split=val_split,
-        backbone=backbone, alpha=alpha if alpha is not None else (1.0 if backbone.startswith("mobilenet") else None),
+        backbone=backbone, alpha=alpha if alpha is not None else spec.default_alpha,
         size=size, weights=weights, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
         hidden=hidden, dropout=dropout, label_smoothing=label_smoothing, class_weights=class_weights,
         patience=patience, augment=augment, fine_tune_layers=fine_tune_layers, fine_tune_from=fine_tune_from,
         fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr, distribute=distribute,
         mixed_precision=mixed_precision, strict=strict, seed=seed, cache_dir=str(cache_dir) if cache_dir else None,
     )
+    cfg.check()  # argument errors before TensorFlow is imported
+    check_run_target(Path(out_dir), force)
+    quiet_tensorflow()
+    from ..train import train as run_train
+
     with ProgressBars() as bars:
-        result = run_train(cfg, progress=bars)
+        result = run_train(cfg, progress=bars, force=force)
     if as_json:
         emit_json(result)
         return
@@ -96,11 +130,21 @@ def train(data_dir, out_dir, val_dir, val_split, backbone, alpha, size, weights,
                f"{result['num_skipped']} skipped")
     fc = result["feature_cache"]
     click.echo(f"features:     {fc['computed']} computed, {fc['hits']} from cache ({t['features']:.1f} s)")
-    click.echo(f"head:         {t['head']:.1f} s" + (f"; fine-tune {t['fine_tune']:.1f} s" if result["fine_tune"] else ""))
+    click.echo(f"head:         {_stopping(result['head_training'])}, {t['head']:.1f} s"
+               + (f"; fine-tune {t['fine_tune']:.1f} s" if result["fine_tune"] else ""))
     if result["val_accuracy"] is not None:
         click.echo(f"val accuracy: {result['val_accuracy']:.4f} (loss {result['val_loss']:.4f})")
     for s in result["skipped"]:
         click.echo(f"skipped:      {s['reason']}")
+
+
+def _stopping(h: dict) -> str:
+    text = f"{h['epochs_run']} of {h['epochs']} epochs"
+    if h["stopped_early"]:
+        text += f" (stopped early: no better {h['monitor']} for {h['patience']} epochs; kept epoch {h['best_epoch']})"
+    else:
+        text += f" (kept epoch {h['best_epoch']}, the best {h['monitor']})"
+    return text
 
 
 def _print_report(report: dict) -> None:
@@ -115,22 +159,30 @@ def _print_report(report: dict) -> None:
 def _model_options(fn):
     fn = click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                       help="Labels file (one per line) for a model file without a manifest.")(fn)
-    fn = click.option("--backend", type=click.Choice(["litert", "tflite_runtime", "onnxruntime"]), default=None,
+    fn = click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
                       help="Runtime for a bundle or model file (default: by file type).")(fn)
-    fn = click.option("--precision", default=None, help="Which of a bundle's files to use, e.g. int8 or fp32.")(fn)
+    fn = click.option("--precision", type=click.Choice(list(PRECISIONS)), default=None,
+                      help="Which of a bundle's files to use (default: the bundle's preferred file).")(fn)
     return threads_option(fn)
+
+
+MODEL_HELP = "MODEL is a run folder, a bundle (folder or .zip), or a .tflite/.onnx file."
 
 
 @click.command("eval")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_model_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per batch.")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write confusion_matrix.png, misclassified.csv and mistakes.jpg (a contact sheet of the "
+                   "misclassified photos) into this folder.")
 @json_option
 @handle_errors
-def eval_cmd(model, data_dir, labels, backend, precision, threads, batch_size, as_json):
-    """Evaluate MODEL (run folder, bundle, or .tflite/.onnx file) on DATA_DIR.
+def eval_cmd(model, data_dir, labels, backend, precision, threads, batch_size, plots, as_json):
+    """Evaluate MODEL on DATA_DIR (one sub-folder per class).
 
+    MODEL is a run folder, a bundle (folder or .zip), or a .tflite/.onnx file.
     Class folders are matched to the model's labels by name.
     """
     quiet_tensorflow()
@@ -139,35 +191,44 @@ def eval_cmd(model, data_dir, labels, backend, precision, threads, batch_size, a
     predictor = open_predictor(model, labels=labels, threads=threads, backend=backend, precision=precision)
     with ProgressBars() as bars:
         report = evaluate(predictor, data_dir, batch_size=batch_size, progress=bars)
+    if plots:
+        from ..train.plots import write_eval_plots
+
+        report["plots"] = write_eval_plots(report, plots)
     if as_json:
         emit_json(report)
-    else:
-        _print_report(report)
+        return
+    _print_report(report)
+    if plots:
+        click.echo(f"plots: {', '.join(report['plots'].values())}")
 
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
 @_model_options
-@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many of the best labels to show per image.")
 @json_option
 @handle_errors
 def predict(model, images, labels, backend, precision, threads, top_k, as_json):
-    """Classify IMAGES with MODEL (run folder, bundle, or .tflite/.onnx file)."""
+    """Classify IMAGES (files, folders or glob patterns) with MODEL.
+
+    MODEL is a run folder, a bundle (folder or .zip), or a .tflite/.onnx file.
+    A folder gives all the images below it; quote a pattern such as 'photos/*.jpg'.
+    """
+    from ..data import expand_images
+
+    files = expand_images(list(images))
     quiet_tensorflow()
     from ..predictor import open_predictor, predict_files
 
     predictor = open_predictor(model, labels=labels, threads=threads, backend=backend, precision=precision)
-    result = predict_files(predictor, images, top_k)
+    result = predict_files(predictor, files, top_k)
     if as_json:
         emit_json(result)
     else:
-        for p in result["predictions"]:
-            if "error" in p:
-                click.echo(f"{p['file']}: error: {p['error']}")
-            else:
-                rest = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p["top"][1:])
-                click.echo(f"{p['file']}: {p['label']} ({p['score']:.3f})" + (f"  [{rest}]" if rest else ""))
+        print_predictions(result["predictions"])
     if any("error" in p for p in result["predictions"]):
         raise SystemExit(1)
 
@@ -175,15 +236,18 @@ def predict(model, images, labels, backend, precision, threads, top_k, as_json):
 @click.command()
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Photo folder, one sub-folder per class (default: TensorFlow's flower_photos, downloaded once).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Folder for everything the demo writes; an earlier demo's folder is replaced.")
 @click.option("--holdout", default=None, help="The class the device learns later (default: the last class).")
 @click.option("--per-class", type=click.IntRange(min=2), default=60, show_default=True,
               help="Photos per class for the workstation training.")
 @click.option("--new-shots", type=click.IntRange(min=1), default=10, show_default=True,
               help="Photos of the held-out class added on the device.")
-@click.option("--alpha", type=float, default=1.0, show_default=True)
-@click.option("--size", type=int, default=224, show_default=True)
-@click.option("--weights", default="imagenet", show_default=True)
+@click.option("--alpha", type=float, default=default(_T, "alpha"), show_default=True,
+              help="Width multiplier of the MobileNetV2 backbone.")
+@click.option("--size", type=int, default=default(_T, "size"), show_default=True, help="Square input size in pixels.")
+@click.option("--weights", default=default(_T, "weights"), show_default=True,
+              help="'imagenet' (Keras cache, downloads when online) or a path to an .h5 file.")
 @json_option
 @handle_errors
 def demo(data, out, holdout, per_class, new_shots, alpha, size, weights, as_json):
@@ -191,8 +255,9 @@ def demo(data, out, holdout, per_class, new_shots, alpha, size, weights, as_json
 
     One class of the photo folder is held out; the workstation trains on the others, exports
     an int8 bundle, and the device side (no TensorFlow) learns the held-out class from a few
-    photos, printing what happened at each step.
+    photos, then shows accuracy before and after on photos no one trained on.
     """
+    TrainConfig(data_dir=str(data), out_dir=str(out), alpha=alpha, size=size, weights=weights).check()
     quiet_tensorflow()
     from ..demo import run_demo
 
@@ -203,3 +268,43 @@ def demo(data, out, holdout, per_class, new_shots, alpha, size, weights, as_json
         emit_json(result)
     else:
         click.echo(f"done in {result['seconds']:.0f} s; everything is under {result['out']}")
+
+
+@click.group()
+def weights():
+    """Pretrained weights in the Keras cache, for machines without internet."""
+
+
+@weights.command("add")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@json_option
+@handle_errors
+def weights_add(paths, as_json):
+    """Copy Keras .h5 weight files (or every .h5 in a folder) into the Keras cache.
+
+    The cache is $KERAS_HOME/models (default ~/.keras/models); --weights imagenet then finds
+    them there without downloading. Safe to repeat.
+    """
+    from ..weights import add_weights
+
+    r = add_weights(list(paths))
+    if as_json:
+        emit_json({"files": r})
+        return
+    for f in r:
+        click.echo(f"{f['status']}: {f['file']}")
+
+
+@weights.command("list")
+@json_option
+@handle_errors
+def weights_list(as_json):
+    """The .h5 files in the Keras cache."""
+    from ..weights import keras_models_dir
+
+    d = keras_models_dir()
+    files = sorted(p.name for p in d.glob("*.h5")) if d.is_dir() else []
+    if as_json:
+        emit_json({"cache": str(d), "files": files})
+        return
+    click.echo(f"{d}: " + (", ".join(files) if files else "no .h5 files"))

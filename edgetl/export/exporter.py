@@ -137,6 +137,9 @@ def export_run(
     target = Path(out) if out else Path("models") / run.dir.name
     if target.exists() and not force:
         raise ExportError(f"{target} already exists; pass --force to replace it")
+    total = sum(1 if f.roles == ("trainable_head",) else len(roles) for f, _ in parsed)
+    if progress:  # the bar is there from the start: loading photos and the Keras reference take a while
+        progress("export", 0, total)
     spec = run.preprocessing
     head_layers = run.head()
 
@@ -170,7 +173,6 @@ def export_run(
         verification: list[dict] = []
         options = ExportOptions(io=io, max_classes=max_classes or len(run.labels) + 8, train_lr=trainable_lr,
                                 train_l2=trainable_l2)
-        total = sum(1 if f.roles == ("trainable_head",) else len(roles) for f, _ in parsed)
         done = 0
         sources = {r: ExportSource(r, models[r], work, x_cal[:calibration_images], {**metadata, "role": r})
                    for r in ("backbone", "classifier")}
@@ -184,6 +186,9 @@ def export_run(
                 info = module.export(src, staging / name, precision, options)
                 entries.append((name, {"role": "trainable_head", "format": "tflite", "precision": precision,
                                        "runtime": fmt.runtime, **info}))
+                done += 1
+                if progress:
+                    progress("export", done, total)
                 continue
             # The backbone first: a quantized one may get its own re-fitted head (see refit_head).
             needs_backbone = "backbone" in roles or (refit_head and precision in REFIT_PRECISIONS)
