@@ -16,7 +16,9 @@ from pathlib import Path
 
 from .data import scan_folder
 from .errors import ConfigError, DataError
+from .fileio import atomic_write_json
 
+MARKER = ".edgetl-demo"
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 Say = Callable[[str], None]
 
@@ -50,14 +52,31 @@ def _link_subset(src: Path, dst: Path, classes: list[str], files: dict[str, list
 def run_demo(out: Path, data: Path | None = None, holdout: str | None = None, per_class: int = 60,
              new_shots: int = 10, alpha: float = 1.0, size: int = 224, weights: str = "imagenet",
              say: Say = lambda s: None) -> dict:
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise ConfigError(f"{out} exists, is not empty and was not written by 'edgetl demo'; "
+                              "choose another --out for the demo")
+        shutil.rmtree(out)  # the demo's own earlier output: run it again from scratch
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by 'edgetl demo'; the next demo with this --out replaces this folder\n")
+    try:
+        return _run(out, t0, data, holdout, per_class, new_shots, alpha, size, weights, say)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # a failed demo leaves nothing behind
+        raise
+
+
+def _accuracy(predictions: list[dict], truth: list[str]) -> float:
+    return sum(p.get("label") == t for p, t in zip(predictions, truth)) / max(1, len(truth))
+
+
+def _run(out: Path, t0: float, data, holdout, per_class, new_shots, alpha, size, weights, say: Say) -> dict:
     from .device import Learner
     from .export import export_run
     from .train import TrainConfig, train
 
-    t0 = time.perf_counter()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty; choose another --out for the demo")
     src = Path(data) if data else fetch_flowers()
     folder = scan_folder(src, min_classes=3)
     holdout = holdout or folder.classes[-1]
@@ -85,19 +104,33 @@ def run_demo(out: Path, data: Path | None = None, holdout: str | None = None, pe
         f"vs Keras {report['keras_accuracy']:.3f}; backbone feature cosine "
         f"{int8['backbone_int8.tflite']['cosine_mean']:.4f}")
 
+    # Photos neither the workstation nor the device trained on: the rest of the held-out class,
+    # and photos of the known classes beyond the ones the workstation used.
+    shots, new_test = files[holdout][:new_shots], files[holdout][new_shots:new_shots + 40]
+    old_test = [f for c in known for f in files[c][per_class:per_class + 20]]
+    old_truth = [c for c in known for _ in files[c][per_class:per_class + 20]]
     learner = Learner.open(out / "bundle", store=out / "device" / "store.sqlite", threads=1)
-    shots, rest = files[holdout][:new_shots], files[holdout][new_shots:new_shots + 40]
-    before = learner.predict(rest)["predictions"]
-    learner.add(shots, holdout)
-    t = learner.train()
-    after = learner.predict(rest)["predictions"]
-    acc_after = sum(p.get("label") == holdout for p in after) / len(after)
-    guessed = sorted({p.get("label") for p in before})
-    say(f"4/4 device: before, {len(rest)} '{holdout}' photos were called {', '.join(guessed)}; "
-        f"added {len(shots)} photos of '{holdout}', retrained in {t['seconds'] * 1000:.0f} ms "
-        f"(head version {t['version']}); now {acc_after:.0%} of them are '{holdout}'")
-    learner.close()
-    return {"out": str(out), "holdout": holdout, "val_accuracy": summary["val_accuracy"],
-            "keras_accuracy": report["keras_accuracy"], "int8_accuracy": int8["classifier_int8.tflite"]["accuracy"],
-            "new_class_accuracy_after": acc_after, "retrain_seconds": t["seconds"],
-            "seconds": round(time.perf_counter() - t0, 1)}
+    try:
+        new_before = learner.predict(new_test)["predictions"]
+        old_before = _accuracy(learner.predict(old_test)["predictions"], old_truth) if old_test else None
+        learner.add(shots, holdout)
+        t = learner.train()
+        new_after = _accuracy(learner.predict(new_test)["predictions"], [holdout] * len(new_test))
+        old_after = _accuracy(learner.predict(old_test)["predictions"], old_truth) if old_test else None
+    finally:
+        learner.close()
+    guessed = sorted({p.get("label") for p in new_before})
+    say(f"4/4 device: added {len(shots)} photos of '{holdout}' (before, the other {len(new_test)} were called "
+        f"{', '.join(guessed)}) and retrained the head in {t['seconds'] * 1000:.0f} ms (head version {t['version']}).")
+    say("    accuracy on photos no one trained on (int8 backbone, TensorFlow-free device code):")
+    say(f"    {'':<34}{'before':>8}{'after':>8}")
+    say(f"    {f'new class {holdout!r} ({len(new_test)} photos)':<34}{0.0:>8.3f}{new_after:>8.3f}")
+    if old_before is not None:
+        say(f"    {f'the {len(known)} old classes ({len(old_test)} photos)':<34}{old_before:>8.3f}{old_after:>8.3f}")
+    result = {"out": str(out), "holdout": holdout, "val_accuracy": summary["val_accuracy"],
+              "keras_accuracy": report["keras_accuracy"], "int8_accuracy": int8["classifier_int8.tflite"]["accuracy"],
+              "new_class_accuracy_after": new_after, "old_classes_accuracy_before": old_before,
+              "old_classes_accuracy_after": old_after, "num_new_test": len(new_test), "num_old_test": len(old_test),
+              "retrain_seconds": t["seconds"], "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_json(out / "demo.json", result)
+    return result

@@ -20,6 +20,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..head_arrays import Layers, softmax
 
+OPTIMIZERS = ("adam", "sgd")
+
 
 @dataclass(frozen=True)
 class HeadTrainConfig:
@@ -46,8 +48,8 @@ class HeadTrainConfig:
     def check(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"epochs and batch_size must be >= 1; received {self.epochs}, {self.batch_size}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"optimizer must be 'adam' or 'sgd'; received {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be {' or '.join(map(repr, OPTIMIZERS))}; received {self.optimizer!r}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0; received {self.learning_rate}")
         if self.l2 < 0:

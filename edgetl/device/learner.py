@@ -24,6 +24,7 @@ import numpy as np
 from .. import preprocess
 from ..bundle import Bundle, open_bundle
 from ..errors import ConfigError, DataError, StoreError
+from ..formats import FORMATS
 from ..head_arrays import head_predict
 from ..metrics import top_k as top_k_labels
 from ..runtime import open_model
@@ -37,6 +38,33 @@ def default_store_path(bundle: Bundle) -> Path:
     """``$EDGETL_HOME/<bundle name>.sqlite`` (default ``~/.local/share/edgetl``)."""
     home = os.environ.get("EDGETL_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share", "edgetl")
     return Path(home) / f"{bundle.manifest.get('name', 'bundle')}.sqlite"
+
+
+def _describe(entry: dict) -> str:
+    return f"{entry['file']} (--backend {FORMATS[entry['format']].runtime} --precision {entry.get('precision')})"
+
+
+def pick_backbone(bundle: Bundle, store_path: Path, backend: str | None, precision: str | None) -> dict:
+    """The bundle's backbone file for this store.
+
+    A store's features come from one backbone file; an existing store keeps using the file it
+    was made with unless ``backend``/``precision`` ask for another, which is refused with the
+    options that open it.
+    """
+    made_with = SampleStore.backbone_of(store_path)
+    origin = next((e for e in bundle.entries("backbone") if e["sha256"] == made_with), None)
+    if origin is not None and backend is None and precision is None:
+        return origin
+    entry = bundle.pick("backbone", backend=backend, precision=precision)
+    if made_with is not None and entry["sha256"] != made_with:
+        if origin is not None:
+            raise StoreError(
+                f"sample store {store_path} was made with this bundle's {_describe(origin)}, whose features differ "
+                f"from {entry['file']}'s; open it with those options, or use another --store for {entry['file']}")
+        raise StoreError(
+            f"sample store {store_path} holds features of a backbone this bundle does not have "
+            f"({made_with[:16]}...); it belongs to another bundle: use another --store")
+    return entry
 
 
 class Learner:
@@ -58,9 +86,9 @@ class Learner:
     def open(cls, bundle: str | Path, store: str | Path | None = None, backend: str | None = None,
              precision: str | None = None, threads: int | None = None, trainer: str = "numpy") -> Learner:
         b = open_bundle(bundle)
-        entry = b.pick("backbone", backend=backend, precision=precision)
-        runner = open_model(b.path(entry), threads=threads, backend=backend)
         store_path = Path(store) if store else default_store_path(b)
+        entry = pick_backbone(b, store_path, backend, precision)
+        runner = open_model(b.path(entry), threads=threads, backend=backend)
         s = SampleStore(store_path, b.feature_dim, identity=entry["sha256"])
         return cls(b, s, entry, runner, trainer)
 
@@ -126,7 +154,8 @@ class Learner:
         return np.concatenate(feats).astype(np.float32), digests, kept, errors
 
     # -- the API ----------------------------------------------------------------------------
-    def add(self, images: list[str | Path], label: str, dtype: str = "float32", skip_duplicates: bool = True) -> dict:
+    def add(self, images: list[str | Path], label: str, dtype: str = "float32", skip_duplicates: bool = True,
+            new_class: bool = False) -> dict:
         """Extract and store samples of ``label`` (a new label becomes a new class at the next train).
 
         Unreadable images are reported by name; the others are stored in one transaction.
@@ -134,6 +163,11 @@ class Learner:
         if not label.strip():
             raise ConfigError(f"label must be a non-empty name such as 'my_mug'; received {label!r}")
         label = label.strip()
+        known = list(dict.fromkeys(self.labels() + list(self.store.counts())))
+        similar = [k for k in known if k != label and k.casefold() == label.casefold()]
+        if similar and not new_class:
+            raise ConfigError(f"label {label!r} differs from the existing class {similar[0]!r} only in case; "
+                              f"use {similar[0]!r}, or pass --new-class to make {label!r} a class of its own")
         feats, digests, kept, errors = self.features(list(images))
         ids = self.store.add(feats, label, kept, digests, dtype, skip_duplicates=skip_duplicates)
         stored = [(i, f) for i, f in zip(ids, kept) if i is not None]
@@ -246,6 +280,45 @@ class Learner:
 
     def history(self) -> list[dict]:
         return self.store.history()
+
+    def evaluate(self, data_dir: str | Path, mode: str = "head") -> dict:
+        """Accuracy of the active head (or NCM) on a class folder, split into the bundle's
+        original classes and the classes learned on the device."""
+        from ..data import scan_folder
+        from ..metrics import classification_report
+
+        labels = self.labels() if mode == "head" else self.class_means()[0]
+        folder = scan_folder(data_dir, classes=labels)
+        if not folder.samples:
+            raise DataError(f"{str(data_dir)!r} holds no images of the classes {labels}")
+        r = self.predict([s.path for s in folder.samples], top_k=1, mode=mode)
+        truth, pred, errors = [], [], []
+        for s, p in zip(folder.samples, r["predictions"]):
+            if "error" in p:
+                errors.append({"file": p["file"], "reason": p["error"]})
+                continue
+            truth.append(s.label)
+            pred.append(labels.index(p["label"]))
+        report = classification_report(np.array(truth, np.int64), np.array(pred, np.int64), labels)
+        original = set(self.bundle.labels)
+
+        def acc(group: set[str]) -> tuple[float | None, int]:
+            idx = [i for i, t in enumerate(truth) if labels[t] in group]
+            if not idx:
+                return None, 0
+            return float(np.mean([truth[i] == pred[i] for i in idx])), len(idx)
+
+        report["original_classes"] = dict(zip(("accuracy", "num_images"), acc(original)))
+        report["new_classes"] = dict(zip(("accuracy", "num_images"), acc(set(labels) - original)))
+        report.update({"mode": mode, "head_version": r["head_version"], "data_dir": str(data_dir),
+                       "skipped": errors, "model": f"device head version {r['head_version']} ({mode})"})
+        return report
+
+    def export(self, out: str | Path, force: bool = False) -> dict:
+        """The active head, labels and replay (bundle's + stored samples) as a new bundle."""
+        from .bundle_out import export_personalized
+
+        return export_personalized(self, out, force=force)
 
     def rollback(self, version: int | None = None) -> dict:
         """Make an earlier head version active (default: the parent of the active one)."""

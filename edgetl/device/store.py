@@ -76,6 +76,22 @@ class SampleStore:
             raise StoreError(f"sample store {self.path}: the file system refused WAL mode (got {mode!r})")
         self._check_identity(identity)
 
+    @staticmethod
+    def backbone_of(path: str | Path) -> str | None:
+        """The backbone identity an existing store was made with (read-only; None if no store yet)."""
+        p = Path(path)
+        if not p.is_file():
+            return None
+        try:
+            db = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=5.0)
+            try:
+                row = db.execute("SELECT value FROM meta WHERE key = 'backbone'").fetchone()
+            finally:
+                db.close()
+        except sqlite3.DatabaseError:
+            return None  # the normal open reports what is wrong with it
+        return row[0] if row else None
+
     # -- plumbing ---------------------------------------------------------------------------
     def _write(self, fn, script: bool = False):
         """Run ``fn(connection)`` in one IMMEDIATE transaction (or as a script)."""
