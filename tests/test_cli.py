@@ -84,29 +84,46 @@ def test_train_eval_predict_end_to_end(tiny_data, tmp_path):
 def test_cli_errors_are_one_clean_line(tmp_path):
     runner = CliRunner()
     res = runner.invoke(cli, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
-    assert res.exit_code == 1
-    assert res.output.strip() == (f"Error: data folder {str(tmp_path / 'missing')!r} does not exist; "
-                                  "expected a folder with one sub-folder per class")
+    assert res.exit_code == 2
+    assert f"Directory '{tmp_path / 'missing'}' does not exist." in res.output
     res = runner.invoke(cli, ["train", str(tmp_path), "--backbone", "mobilenetv2"])
+    assert res.exit_code == 2 and "'mobilenetv2' is not one of 'mobilenet_v2'" in res.output
+    (tmp_path / "a").mkdir()
+    res = runner.invoke(cli, ["train", str(tmp_path / "a"), "--out", str(tmp_path / "out"), *TINY_ARGS])
     assert res.exit_code == 1
+    assert res.output.startswith("Error: ") and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.device
-def test_cli_rejects_bad_hidden_sizes():
-    res = CliRunner().invoke(cli, ["train", "x", "--hidden", "12,abc"])
+def test_cli_rejects_bad_hidden_sizes(tmp_path):
+    res = CliRunner().invoke(cli, ["train", str(tmp_path), "--hidden", "12,abc"])
     assert res.exit_code == 2
     assert "expected layer sizes such as '512' or '512,128'; received '12,abc'" in res.output
 
 
-def test_demo_runs_the_whole_slice(tiny_data, tmp_path):
-    res = CliRunner().invoke(cli, ["demo", "--data", str(tiny_data["train"]), "--out", str(tmp_path / "demo"),
-                                   "--per-class", "8", "--new-shots", "4", *TINY_ARGS])
+def test_demo_runs_the_whole_slice_and_can_run_again(tiny_data, tmp_path):
+    args = ["demo", "--data", str(tiny_data["train"]), "--out", str(tmp_path / "demo"), "--per-class", "6",
+            "--new-shots", "4", *TINY_ARGS]
+    res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert [line[:3] for line in lines[:4]] == ["1/4", "2/4", "3/4", "4/4"]
     assert "'sunflowers' is kept for the device" in lines[0]
     assert "added 4 photos of 'sunflowers'" in lines[3]
+    assert "before" in lines[5] and "after" in lines[5]
+    assert "new class 'sunflowers' (4 photos)" in lines[6] and "the 2 old classes (4 photos)" in lines[7]
+    demo = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert demo["num_new_test"] == 4 and demo["num_old_test"] == 4
     assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
     assert (tmp_path / "demo" / "device" / "store.sqlite").is_file()
-    res = CliRunner().invoke(cli, ["demo", "--data", str(tiny_data["train"]), "--out", str(tmp_path / "demo")])
-    assert res.exit_code == 1 and "is not empty" in res.output
+    # The same command again replaces the demo's own output.
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    # A folder the demo did not write is refused, and left as it was.
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    res = CliRunner().invoke(cli, ["demo", "--data", str(tiny_data["train"]), "--out", str(other)])
+    assert res.exit_code == 1 and "was not written by 'edgetl demo'" in res.output
+    assert (other / "notes.txt").read_text() == "keep"

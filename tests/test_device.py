@@ -159,8 +159,20 @@ def test_remove_stops_predicting_a_label_and_rollback_brings_it_back(learner):
 def test_store_refuses_features_of_another_backbone(device_bundle, tmp_path):
     store = tmp_path / "s.sqlite"
     Learner.open(device_bundle, store=store, precision="int8").close()
-    with pytest.raises(StoreError, match=r"holds features of backbone .* but this bundle's backbone is .*use another --store"):
+    with pytest.raises(StoreError, match=r"was made with this bundle's backbone_int8.tflite \(--backend litert "
+                                         r"--precision int8\), whose features differ from backbone_fp32.tflite's"):
         Learner.open(device_bundle, store=store, precision="fp32")
+    with pytest.raises(StoreError, match=r"backbone_fp32.onnx's; open it with those options"):
+        Learner.open(device_bundle, store=store, backend="onnxruntime")
+    # Without --backend/--precision the store keeps the file it was made with.
+    lr = Learner.open(device_bundle, store=store)
+    assert lr.backbone_entry["file"] == "backbone_int8.tflite"
+    lr.close()
+    other = tmp_path / "other.sqlite"
+    Learner.open(device_bundle, store=other, backend="onnxruntime").close()
+    lr = Learner.open(device_bundle, store=other)
+    assert lr.backbone_entry["file"] == "backbone_fp32.onnx"
+    lr.close()
 
 
 def test_onnx_backend_gives_the_same_features_as_fp32_tflite(device_bundle, tmp_path):
@@ -180,6 +192,12 @@ def _spawn(bundle, store, label, count, images):
 
 
 def test_acknowledged_samples_survive_kill_9(device_bundle, tmp_path):
+    """Kills land at random points of an add, on any CPU speed.
+
+    Each trial waits for the worker's first acknowledged add, measures how long that took, and
+    kills it at a random moment within the next add's duration: no assumption that an add fits a
+    fixed time window (on an emulated Pi one add takes about a second).
+    """
     store_path = tmp_path / "crash.sqlite"
     rng = random.Random(1234)
     acked: set[int] = set()
@@ -187,7 +205,11 @@ def test_acknowledged_samples_survive_kill_9(device_bundle, tmp_path):
     for trial in range(22):
         proc = _spawn(device_bundle, store_path, f"t{trial % 3}", 10_000, ANTS[:6])
         assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
-        time.sleep(rng.uniform(0.0, 0.25))
+        t0 = time.perf_counter()
+        first = proc.stdout.readline()
+        assert first.startswith("ACK "), proc.stderr.read()
+        acked.add(int(first.split()[1]))
+        time.sleep(rng.uniform(0.0, 1.5 * (time.perf_counter() - t0)))
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         killed_mid_run += proc.returncode == -signal.SIGKILL
@@ -200,7 +222,7 @@ def test_acknowledged_samples_survive_kill_9(device_bundle, tmp_path):
         missing = acked - s.ids()
         s.close()
         assert not missing, f"trial {trial}: acknowledged samples lost: {sorted(missing)[:10]}"
-    assert killed_mid_run == 22 and len(acked) > 22
+    assert killed_mid_run == 22 and len(acked) >= 22
 
 
 def _backbone_sha(bundle) -> str:

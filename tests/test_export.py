@@ -221,12 +221,14 @@ def test_accuracy_gate_fails_with_both_numbers_and_writes_nothing(tiny_run, tmp_
     from edgetl.export import export_run
 
     target = tmp_path / "gated"
+    # A gate no file can pass whatever its accuracy (it would have to beat Keras by more than 100
+    # points), so the test does not depend on int8 being worse than float on 12 photos.
     with pytest.raises(ExportError) as err:
         export_run(tiny_run, target, targets=["tflite:int8"], roles=("classifier",), calibration_images=24,
-                   max_drop=-1.0, replay_per_class=0)
+                   max_drop=-100.5, replay_per_class=0)
     msg = str(err.value)
     assert "classifier_int8.tflite: int8 accuracy" in msg and "below the float Keras model's" in msg
-    assert "tflite:fp16 or tflite:dynamic" in msg and "allowed: -1.0 points" in msg
+    assert "tflite:fp16 or tflite:dynamic" in msg and "allowed: -100.5 points" in msg
     assert not target.exists()
     assert not list(tmp_path.glob(".gated.staging-*"))
 
