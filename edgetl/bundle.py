@@ -25,7 +25,7 @@ from .preprocess import Preprocessing
 BUNDLE_FORMAT = "edgetl-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-ROLES = ("classifier", "backbone", "head", "replay", "trainable_head", "labels", "report")
+ROLES = ("classifier", "backbone", "head", "replay", "trainable_head", "labels", "report", "references")
 
 
 class Bundle:
@@ -41,6 +41,11 @@ class Bundle:
     @property
     def files(self) -> list[dict]:
         return self.manifest["files"]
+
+    @property
+    def digest(self) -> str:
+        """sha256 of manifest.json: it names every file's sha256, so it identifies the whole bundle."""
+        return sha256_file(self.root / MANIFEST)
 
     def path(self, entry: dict) -> Path:
         return self.root / entry["file"]

@@ -13,6 +13,7 @@ from ..data import expand_images
 from ..device.headtrain import OPTIMIZERS, HeadTrainConfig
 from ..device.tflite_trainer import config_for
 from ..formats import BACKENDS, PRECISIONS
+from ..selftest import describe_cpu
 from .common import emit_json, handle_errors, json_option, print_predictions, print_table, setup_logging
 
 TRAINERS = ("numpy", "tflite")
@@ -96,7 +97,7 @@ def _learner(ctx):
         raise click.UsageError("Missing option '--bundle' (or the EDGETL_BUNDLE environment variable): "
                                "the bundle folder or .zip written by 'edgetl export'", ctx=ctx)
     return Learner.open(o["bundle"], store=o["store"], backend=o["backend"], precision=o["precision"],
-                        threads=o["threads"], trainer=o["trainer"])
+                        threads=o["threads"], trainer=o["trainer"], check=o.get("check", True))
 
 
 @device_command()
@@ -113,6 +114,38 @@ def info(ctx, as_json):
         click.echo(f"{k + ':':<17}{d[k]}")
     click.echo(f"{'labels:':<17}{', '.join(d['labels'])}")
     click.echo(f"{'samples:':<17}" + (", ".join(f"{k} {v}" for k, v in d["samples"].items()) or "none"))
+    cpu = d["cpu"]
+    click.echo(f"{'cpu:':<17}{describe_cpu(cpu)} {cpu['model']}".rstrip())
+    last = d["last_check"]
+    click.echo(f"{'last check:':<17}" + ("none (the bundle carries no self-test references)" if last is None else
+                                        f"{last['file']}: {'passed' if last['ok'] else 'FAILED'}: {last['reason']} "
+                                        f"({datetime.fromtimestamp(last['checked']).isoformat(timespec='seconds')})"))
+
+
+@device_command()
+@json_option
+@click.pass_context
+@handle_errors
+def check(ctx, as_json):
+    """Run every model file of the bundle on this CPU against its self-test references.
+
+    Each backbone and classifier file runs on the reference photos the export put into the
+    bundle and is compared with the float model (cosine, top-1 agreement) and with what the
+    export machine measured. Exit code 1 when a file falls below the export's thresholds.
+    """
+    ctx.obj["check"] = False  # the command reports a failing file instead of refusing to open
+    r = _learner(ctx).check()
+    if as_json:
+        emit_json(r)
+    else:
+        click.echo(f"this CPU: {describe_cpu(r['cpu'])}; the export verified on {describe_cpu(r['verified_on'])}")
+        rows = [[f["file"], f.get("runtime", ""), {True: "ok", False: "FAILED", None: "not run"}[f["ok"]],
+                 f"{f['cosine_mean']:.4f}" if "cosine_mean" in f else "",
+                 f"{f['agreement']:.3f}" if "agreement" in f else "", f["reason"]] for f in r["files"]]
+        print_table(f"self-test on {r['files'][0].get('photos', '?') if r['files'] else 0} reference photos",
+                    ["file", "runtime", "status", "cosine", "agreement", "detail"], rows)
+    if not r["ok"]:
+        raise SystemExit(1)
 
 
 @device_command()

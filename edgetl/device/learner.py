@@ -11,6 +11,7 @@ Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -23,11 +24,13 @@ import numpy as np
 
 from .. import preprocess
 from ..bundle import Bundle, open_bundle
-from ..errors import ConfigError, DataError, StoreError
-from ..formats import FORMATS
+from ..errors import BundleError, ConfigError, DataError, EdgetlError, StoreError
+from ..formats import FORMATS, PREFERENCE
 from ..head_arrays import head_predict
 from ..metrics import top_k as top_k_labels
 from ..runtime import open_model
+from ..selftest import References, cpu_fingerprint, describe_cpu, verdict
+from ..selftest import measure as measure_self_test
 from .headtrain import HeadTrainConfig, add_classes, drop_classes, ncm_predict, train_head
 from .store import SampleStore
 
@@ -67,6 +70,37 @@ def pick_backbone(bundle: Bundle, store_path: Path, backend: str | None, precisi
     return entry
 
 
+def check_entry(bundle: Bundle, entry: dict, runner) -> dict:
+    """One backbone or classifier file against the bundle's self-test references, on this CPU."""
+    refs = References(bundle.root / bundle.manifest["self_test"]["file"])
+    head = bundle.head(entry) if entry["role"] == "backbone" else None
+    measured = measure_self_test(runner, refs, bundle.preprocessing, entry["role"], head)
+    ok, reason = verdict(entry, measured)
+    return {"file": entry["file"], "role": entry["role"], "runtime": runner.backend, "ok": ok, "reason": reason,
+            **measured, "expected": entry.get("self_test"), "cpu": cpu_fingerprint(), "checked": time.time()}
+
+
+def _first_passing_backbone(bundle: Bundle, entry: dict, runner, threads: int | None):
+    """The preferred backbone file if it passes its self-test here, else the next one that does."""
+    first = check_entry(bundle, entry, runner)
+    if first["ok"]:
+        return entry, runner, first
+    rank = {fp: i for i, fp in enumerate(PREFERENCE)}
+    others = sorted((e for e in bundle.entries("backbone") if e is not entry),
+                    key=lambda e: rank.get((e["format"], e.get("precision")), len(rank)))
+    for other in others:
+        try:
+            r = open_model(bundle.path(other), threads=threads)
+        except EdgetlError:  # its runtime is not installed here
+            continue
+        result = check_entry(bundle, other, r)
+        if result["ok"]:
+            log.warning("%s fails its self-test on this CPU (%s); using %s, which passes", entry["file"],
+                        first["reason"], other["file"])
+            return other, r, result
+    return entry, runner, first  # none passes: first_load_check refuses with the first file's numbers
+
+
 class Learner:
     def __init__(self, bundle: Bundle, store: SampleStore, backbone_entry: dict, runner, trainer: str = "numpy"):
         self.bundle = bundle
@@ -84,13 +118,29 @@ class Learner:
 
     @classmethod
     def open(cls, bundle: str | Path, store: str | Path | None = None, backend: str | None = None,
-             precision: str | None = None, threads: int | None = None, trainer: str = "numpy") -> Learner:
+             precision: str | None = None, threads: int | None = None, trainer: str = "numpy",
+             check: bool = True) -> Learner:
         b = open_bundle(bundle)
         store_path = Path(store) if store else default_store_path(b)
         entry = pick_backbone(b, store_path, backend, precision)
         runner = open_model(b.path(entry), threads=threads, backend=backend)
+        checked = None
+        new_store = SampleStore.backbone_of(store_path) is None
+        if check and new_store and backend is None and precision is None and b.manifest.get("self_test"):
+            # A new store may still choose its backbone file: the first, in the bundle's order of
+            # preference, that computes on this CPU what the export verified.
+            entry, runner, checked = _first_passing_backbone(b, entry, runner, threads)
         s = SampleStore(store_path, b.feature_dim, identity=entry["sha256"])
-        return cls(b, s, entry, runner, trainer)
+        try:
+            learner = cls(b, s, entry, runner, trainer)
+            if checked is not None:
+                learner._remember_check(checked)
+            if check:
+                learner.first_load_check()
+        except BaseException:
+            s.close()
+            raise
+        return learner
 
     def close(self) -> None:
         if self._decoder is not None:
@@ -331,6 +381,56 @@ class Learner:
         head = self.store.head()
         return {"version": head.version, "labels": head.labels}
 
+    # -- the bundle's self-test on this CPU -----------------------------------------------------
+    def _check_key(self) -> str:
+        return f"self_test:{self.bundle.digest}:{self.backbone_entry['file']}:{cpu_fingerprint()['id']}"
+
+    def first_load_check(self) -> dict | None:
+        """Once per bundle, backbone file and CPU kind: the backbone file against the bundle's
+        references. Cached in the store; a file below the export's thresholds is refused."""
+        if not self.bundle.manifest.get("self_test"):
+            return None
+        cached = self.store.get_meta(self._check_key())
+        result = json.loads(cached) if cached else self._remember_check(self.check_file(self.backbone_entry))
+        if not result["ok"]:
+            others = [e["file"] for e in self.bundle.entries("backbone") if e["file"] != self.backbone_entry["file"]]
+            raise BundleError(
+                f"{self.backbone_entry['file']} does not compute on this CPU ({describe_cpu(result['cpu'])}) what "
+                f"the export verified on {describe_cpu(self.bundle.manifest['self_test']['verified_on'])}: "
+                f"{result['reason']}, on the bundle's {result['photos']} reference photos. Pick another backbone "
+                f"file with --backend/--precision" + (f" (this bundle also has {', '.join(others)})" if others else "")
+                + "; 'edgetl device check' tests every file of the bundle on this CPU")
+        return result
+
+    def _remember_check(self, result: dict) -> dict:
+        self.store.set_meta(self._check_key(), json.dumps(result))
+        self.store.set_meta("self_test:last", json.dumps(result))
+        return result
+
+    def check_file(self, entry: dict) -> dict:
+        """Run one backbone or classifier file of the bundle on the references, on this CPU."""
+        runner = self.runner if entry is self.backbone_entry else open_model(self.bundle.path(entry), threads=1)
+        return check_entry(self.bundle, entry, runner)
+
+    def check(self) -> dict:
+        """Every backbone and classifier file of the bundle on this CPU (``edgetl device check``)."""
+        if not self.bundle.manifest.get("self_test"):
+            raise BundleError(f"bundle {self.bundle.source} carries no self-test references (exported by an older "
+                              "edgetl, or with --no-verify); re-export it to check it on this device")
+        results = []
+        for entry in [e for e in self.bundle.files if e["role"] in ("backbone", "classifier")]:
+            try:
+                results.append(self.check_file(entry))
+            except EdgetlError as exc:  # e.g. its runtime is not installed here
+                results.append({"file": entry["file"], "role": entry["role"], "ok": None, "reason": str(exc)})
+        doc = {"bundle": str(self.bundle.source), "cpu": cpu_fingerprint(),
+               "verified_on": self.bundle.manifest["self_test"]["verified_on"], "files": results,
+               "ok": all(r["ok"] is not False for r in results)}
+        mine = next((r for r in results if r["file"] == self.backbone_entry["file"]), None)
+        if mine is not None and mine["ok"] is not None:
+            self._remember_check(mine)
+        return doc
+
     def info(self) -> dict:
         head = self.store.head()
         replay = self.bundle.replay(self.backbone_entry)
@@ -348,4 +448,6 @@ class Learner:
             "samples": self.store.counts(),
             "replay_features": 0 if replay is None else int(len(replay[1])),
             "trainer": self.trainer,
+            "cpu": cpu_fingerprint(),
+            "last_check": json.loads(self.store.get_meta("self_test:last") or "null"),
         }

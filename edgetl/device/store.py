@@ -92,6 +92,12 @@ class SampleStore:
             return None  # the normal open reports what is wrong with it
         return row[0] if row else None
 
+    def get_meta(self, key: str) -> str | None:
+        return self._meta(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value)))
+
     # -- plumbing ---------------------------------------------------------------------------
     def _write(self, fn, script: bool = False):
         """Run ``fn(connection)`` in one IMMEDIATE transaction (or as a script)."""
