@@ -31,7 +31,7 @@ def tiny_bundle(tiny_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     report = export_run(tiny_run, out, targets=["tflite:all", "onnx:all"], calibration_images=24,
-                        max_drop=100.0, replay_per_class=4, make_zip=True)
+                        max_drop=100.0, replay_per_class=4, make_zip=True, refit_head=True)
     return out, report
 
 
@@ -135,7 +135,12 @@ def test_type_check_catches_a_wrong_precision(tiny_bundle):
         check_tflite(out / "classifier_fp32.tflite", "fp16")
     with pytest.raises(ExportError, match=r"asked to be ONNX int8 but it has 0 quantize/dequantize nodes"):
         check_onnx(out / "classifier_fp32.onnx", "int8")
-    assert check_tflite(out / "classifier_int8.tflite", "int8", io="int8")["tensor_dtypes"].get("float32", 0) == 0
+    assert check_tflite(out / "backbone_int8.tflite", "int8", io="int8")["tensor_dtypes"].get("float32", 0) == 0
+    # An int8 classifier keeps its head in float: int8 convolutions, then DEQUANTIZE, FULLY_CONNECTED, SOFTMAX.
+    info = check_tflite(out / "classifier_int8.tflite", "int8", io="float", float_ops=("FULLY_CONNECTED", "SOFTMAX"))
+    assert info["ops"]["DEQUANTIZE"] >= 1 and info["ops"]["FULLY_CONNECTED"] >= 1 and info["ops"]["CONV_2D"] > 10
+    with pytest.raises(ExportError, match=r"not int8 convolutions followed by a float head"):
+        check_tflite(out / "classifier_fp32.tflite", "int8", io="float", float_ops=("FULLY_CONNECTED", "SOFTMAX"))
 
 
 def test_changed_byte_is_refused(tiny_bundle, tiny_data, tmp_path):
@@ -209,7 +214,7 @@ def test_uint8_io_export_is_checked_and_evaluates(tiny_run, tiny_data, tmp_path)
     from edgetl.export import export_run
 
     rep = export_run(tiny_run, tmp_path / "u8", targets=["tflite:int8"], roles=("classifier",), io="uint8",
-                     calibration_images=24, max_drop=100.0, replay_per_class=0)
+                     calibration_images=24, max_drop=100.0, replay_per_class=0, float_head=False)
     entry = next(f for f in rep["manifest"]["files"] if f["role"] == "classifier")
     assert entry["input"]["dtype"] == "uint8" and entry["output"]["dtype"] == "uint8"
     assert rep["files"][0]["top1_agreement"] >= 0.75

@@ -14,7 +14,7 @@ import warnings
 
 import click
 
-from ..errors import EdgetlError, ExportError
+from ..errors import EdgetlError
 
 log = logging.getLogger("edgetl")
 
@@ -86,6 +86,9 @@ def quiet_tensorflow() -> None:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     if not _VERBOSE:
         warnings.filterwarnings("ignore", module=r"(keras|tensorflow|tf2onnx|absl)(\.|$)")
+        # ONNX Runtime's quantizer and tf2onnx log warnings on the root logger ("Quantized bias
+        # ... exceeds the range of a int32"); edgetl's own logger does not propagate there.
+        logging.getLogger().addHandler(logging.NullHandler())
         NativeStderr().start()
 
 
@@ -102,8 +105,8 @@ def handle_errors(fn):
         except (SystemExit, click.ClickException):
             replay = False
             raise
-        except EdgetlError as exc:
-            replay = isinstance(exc, ExportError)  # a converter's own messages say why it failed
+        except EdgetlError as exc:  # says what went wrong itself; the held-back chatter would bury it
+            replay = False
             raise click.ClickException(str(exc)) from None
         except OSError as exc:  # a full disk, a read-only folder, a permission: say which file and why
             replay = False

@@ -15,6 +15,7 @@ class ExportOptions:
     max_classes: int | None = None  # tflite-trainable: output slots (default: the classes + 8)
     train_lr: float = 0.01  # tflite-trainable: SGD learning rate baked into train()
     train_l2: float = 1e-4  # tflite-trainable: L2 baked into train()
+    float_head: bool = True  # int8 classifiers: keep the head (dense + softmax) in float
 
 
 @dataclass

@@ -31,6 +31,16 @@ from ..formats import file_name, parse_targets
 from ..head_arrays import Layers, head_predict, save_head
 from ..metrics import cosine
 from ..runtime import open_model, run_batched
+from ..selftest import (
+    REFERENCE_PHOTOS,
+    REFERENCES,
+    References,
+    cpu_fingerprint,
+    encode_references,
+    jpeg_references,
+    thresholds,
+)
+from ..selftest import measure as measure_file
 from .common import ExportOptions, ExportSource
 
 log = logging.getLogger("edgetl")
@@ -114,12 +124,13 @@ def export_run(
     replay_per_class: int = 256,
     make_zip: bool = False,
     force: bool = False,
-    refit_head: bool = True,
+    refit_head: bool = False,
     max_classes: int | None = None,
     trainable_lr: float = 0.01,
     trainable_l2: float = 1e-4,
     threads: int | None = None,
     progress: Progress | None = None,
+    float_head: bool = True,
 ) -> dict:
     """Export ``run_dir`` to a bundle folder; returns the export report (JSON-ready)."""
     from ..train.run import Run
@@ -172,7 +183,7 @@ def export_run(
         entries: list[dict] = []
         verification: list[dict] = []
         options = ExportOptions(io=io, max_classes=max_classes or len(run.labels) + 8, train_lr=trainable_lr,
-                                train_l2=trainable_l2)
+                                train_l2=trainable_l2, float_head=float_head)
         done = 0
         sources = {r: ExportSource(r, models[r], work, x_cal[:calibration_images], {**metadata, "role": r})
                    for r in ("backbone", "classifier")}
@@ -238,6 +249,10 @@ def export_run(
                 if progress:
                     progress("export", done, total)
         shutil.rmtree(work, ignore_errors=True)
+        self_test = None
+        if verify and val_samples:
+            self_test = _write_self_test(staging, entries, val_samples, spec, backbone, run.head_model, head_layers,
+                                         extra_heads, threads)
 
         save_head(staging / "head.npz", head_layers)
         atomic_write_text(staging / "labels.txt", "\n".join(run.labels) + "\n")
@@ -258,6 +273,8 @@ def export_run(
                 files.append(file_entry(staging, e["head"], "head", format="npz", backbone=n,
                                         layers=[list(w.shape) for w, _ in head_layers], activation="relu",
                                         output="softmax"))
+        if self_test is not None:
+            files.append(file_entry(staging, REFERENCES, "references", format="npz"))
         files.append(file_entry(staging, "labels.txt", "labels", format="text"))
         files.append(file_entry(staging, "export_report.json", "report", format="json"))
         manifest = {
@@ -274,6 +291,8 @@ def export_run(
             "tools": tool_versions(),
             "verification": {"keras_accuracy": keras_acc, "num_images": int(len(x_val))},
         }
+        if self_test is not None:
+            manifest["self_test"] = self_test
         commit_bundle(staging, target, manifest, force=force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -283,6 +302,30 @@ def export_run(
         report["zip"] = str(zip_bundle(target, target.with_suffix(".zip")))
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     return report
+
+
+def _write_self_test(staging: Path, entries: list, val_samples: list[Sample], spec, backbone, head_model,
+                     head_layers: Layers, extra_heads: dict[str, str], threads: int | None) -> dict:
+    """references.npz (validation photos as the device will decode them, with the float model's
+    outputs) and, per model file, what it scores on them here and the thresholds a device must meet."""
+    from ..head_arrays import load_head
+
+    chosen = balanced_subset(val_samples, REFERENCE_PHOTOS)
+    pixels, _, bad = preprocess.load_pixels_batch([s.path for s in chosen], spec.size)
+    bad_paths = {b[0] for b in bad}
+    labels = np.array([s.label for s in chosen if str(s.path) not in bad_paths], np.int64)
+    blobs, pixels = jpeg_references(pixels)
+    features = np.asarray(backbone.predict(preprocess.normalize(pixels, spec), batch_size=32, verbose=0), np.float32)
+    probs = np.asarray(head_model.predict(features, batch_size=256, verbose=0), np.float32)
+    atomic_write_bytes(staging / REFERENCES, encode_references(blobs, pixels, features, probs, labels))
+    refs = References(staging / REFERENCES)
+    for name, entry in entries:
+        if entry["role"] not in ("backbone", "classifier"):
+            continue
+        head = load_head(staging / extra_heads[name]) if name in extra_heads else head_layers
+        m = measure_file(open_model(staging / name, threads=threads), refs, spec, entry["role"], head)
+        entry["self_test"] = {k: m[k] for k in ("cosine_mean", "cosine_min", "agreement")} | thresholds(m, len(refs))
+    return {"file": REFERENCES, "photos": len(refs), "verified_on": cpu_fingerprint()}
 
 
 REFIT_PRECISIONS = ("int8",)

@@ -14,12 +14,14 @@ from .quantization import QuantizationConfig
 def export(source: ExportSource, path: Path, precision: str, options: ExportOptions) -> dict:
     import tensorflow as tf
 
-    quant = QuantizationConfig.for_precision(precision, options.io)
+    if precision == "int8" and source.role == "classifier" and options.float_head:
+        quant = QuantizationConfig.for_int8_float_head()
+    else:
+        quant = QuantizationConfig.for_precision(precision, options.io)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model()))
-    quant.apply(converter, source.calibration if quant.needs_calibration else None)
     try:
-        flatbuffer = converter.convert()
+        flatbuffer = quant.convert(converter, source.calibration if quant.needs_calibration else None)
     except Exception as exc:  # the converter raises many types
         raise ExportError(f"TFLite conversion of the {source.role} to {precision} failed: {str(exc)[:400]}") from None
     atomic_write_bytes(path, flatbuffer)
-    return check_tflite(path, precision, quant.io if precision == "int8" else "float")
+    return check_tflite(path, precision, quant.io if precision == "int8" else "float", float_ops=quant.float_ops)
