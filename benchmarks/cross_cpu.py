@@ -16,8 +16,9 @@ Per file and CPU: accuracy on the photos (flowers/test), top-1 agreement with th
 classifier, and for backbones the cosine of its features to the Keras backbone's (mean, min);
 a backbone is scored through the head the device uses with it. The trainable head runs
 infer/train/save/restore on fixed inputs; its outputs are compared across CPUs. Each CPU's
-raw outputs are kept (``<cpu>.npz``), so the table also says how far each CPU is from the
-native x86 run (max abs difference; 0 = bit-identical).
+raw outputs are kept (``<cpu>.npz`` in the working folder, not committed), so the table also
+says how far each CPU is from the native x86 run (max abs difference; 0 = bit-identical). The
+table goes to ``benchmarks/results/cross_cpu.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ def make_table(ref_dir: Path) -> None:
             if keys and all(k in base.files for k in keys):
                 trainable[cpu] = max(float(np.abs(raw[k] - base[k]).max()) for k in keys)
     fingerprints = {c: {**docs[c]["fingerprint"], "python": docs[c]["python"], **docs[c]["versions"]} for c in cpus}
-    (ref_dir / "cross_cpu.json").write_text(json.dumps(
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cross_cpu.json").write_text(json.dumps(
         {"rows": out_rows, "trainable_head_max_abs_diff_vs_native": trainable, "cpus": fingerprints}, indent=2) + "\n")
     lines = [table(["cpu", "file", "photos", "accuracy", "vs Keras pts", "agreement", "cosine mean", "cosine min",
                     "max abs diff vs native"], md_rows)]
@@ -208,7 +210,7 @@ def make_table(ref_dir: Path) -> None:
     lines.append("\nCPUs: " + "; ".join(f"{c}: {f['machine']} {f['model'] or ''} [{' '.join(f['flags'])}], "
                                          f"Python {f['python']}" for c, f in fingerprints.items()))
     text = "\n".join(lines) + "\n"
-    (ref_dir / "cross_cpu.md").write_text(text)
+    (RESULTS / "cross_cpu.md").write_text(text)
     print(text)
 
 
