@@ -122,7 +122,7 @@ def measure(bundle_path: Path, ref_dir: Path, cpu: str, limit: int | None, threa
     if bad:
         raise SystemExit(f"unreadable photos: {bad}")
     keras_pred = kprobs.argmax(1)
-    rows, raw = [], {"photo_index": idx}
+    rows, raw = [], {}
     for entry in [e for e in b.files if e["role"] in ("backbone", "classifier") and (not only or e["file"] in only)]:
         t0 = time.perf_counter()
         runner = open_model(b.path(entry), threads=threads)
@@ -142,11 +142,19 @@ def measure(bundle_path: Path, ref_dir: Path, cpu: str, limit: int | None, threa
                    agreement=float((pred == keras_pred).mean()))
         row["drop_points"] = round(100 * (row["keras_accuracy"] - row["accuracy"]), 2)
         raw[entry["file"]] = out
+        raw[f"{entry['file']}/photo_index"] = idx
         rows.append(row)
         print(f"{cpu}: {entry['file']}: acc {row['accuracy']:.3f} (Keras {row['keras_accuracy']:.3f}), agreement "
               f"{row['agreement']:.3f}" + (f", cosine {row['cosine_mean']:.4f} (min {row['cosine_min']:.4f})"
                                            if "cosine_mean" in row else "") + f", {seconds:.2f} s/photo", flush=True)
     raw.update(_trainable_parity(b))
+    # Files measured before for this CPU (e.g. the slow ones on fewer photos) are kept.
+    old_json, old_npz = ref_dir / f"{cpu}.json", ref_dir / f"{cpu}.npz"
+    if only and old_json.exists() and old_npz.exists():
+        kept = [r for r in json.loads(old_json.read_text())["rows"] if r["file"] not in raw]
+        with np.load(old_npz) as z:
+            raw = {**{k: z[k] for k in z.files if k.split("/")[0] not in raw}, **raw}
+        rows = kept + rows
     doc = {"cpu": cpu, "fingerprint": cpu_fingerprint(), "python": platform.python_version(),
            "bundle": str(bundle_path), "rows": rows, "versions": _versions()}
     (ref_dir / f"{cpu}.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -176,14 +184,15 @@ def make_table(ref_dir: Path) -> None:
     out_rows, md_rows = [], []
     for cpu in cpus:
         raw = np.load(ref_dir / f"{cpu}.npz")
-        idx = raw["photo_index"]
         for r in docs[cpu]["rows"]:
             diff = None
+            idx = raw[f"{r['file']}/photo_index"]
             if base is not None and r["file"] in base.files:
-                pos = {int(i): k for k, i in enumerate(base["photo_index"])}
-                rows = [pos[int(i)] for i in idx if int(i) in pos]
-                if rows:
-                    diff = float(np.abs(raw[r["file"]][: len(rows)] - base[r["file"]][rows]).max())
+                pos = {int(i): k for k, i in enumerate(base[f"{r['file']}/photo_index"])}
+                mine = [k for k, i in enumerate(idx) if int(i) in pos]
+                if mine:
+                    theirs = [pos[int(idx[k])] for k in mine]
+                    diff = float(np.abs(raw[r["file"]][mine] - base[r["file"]][theirs]).max())
             r = {**r, "cpu": cpu, "max_abs_diff_vs_native": diff}
             out_rows.append(r)
             md_rows.append([cpu, r["file"], r["photos"], f"{r['accuracy']:.3f}", f"{-r['drop_points']:+.1f}",

@@ -289,6 +289,36 @@ def test_head_gradients_match_finite_differences():
             assert abs((lp - lm) / (2 * eps) - grads[li][0][idx]) < 1e-3
 
 
+def test_soft_target_gradients_match_finite_differences_and_distillation_recovers_the_teacher():
+    rng = np.random.default_rng(1)
+    layers = [(rng.normal(0, 0.3, (6, 3)).astype(np.float64), rng.normal(0, 0.1, 3).astype(np.float64))]
+    x = rng.normal(0, 1, (9, 6))
+    target = np.exp(rng.normal(0, 1, (9, 3)))
+    target /= target.sum(axis=1, keepdims=True)
+    sw = np.ones(9)
+    _, grads = loss_and_grads(layers, x, target, sw, 0.0)
+    eps = 1e-5
+    for idx in [(0, 0), (3, 1), (5, 2)]:
+        plus = [(layers[0][0].copy(), layers[0][1])]
+        minus = [(layers[0][0].copy(), layers[0][1])]
+        plus[0][0][idx] += eps
+        minus[0][0][idx] -= eps
+        lp, _ = loss_and_grads(plus, x, target, sw, 0.0)
+        lm, _ = loss_and_grads(minus, x, target, sw, 0.0)
+        assert abs((lp - lm) / (2 * eps) - grads[0][0][idx]) < 1e-6
+    # Distilling a teacher head's probabilities from another start finds the teacher's answers.
+    teacher = [(rng.normal(0, 1, (6, 3)).astype(np.float32), np.zeros(3, np.float32))]
+    xs = rng.normal(0, 1, (200, 6)).astype(np.float32)
+    from edgetl.head_arrays import head_predict
+
+    t = head_predict(xs, teacher)
+    start = [(np.zeros((6, 3), np.float32), np.zeros(3, np.float32))]
+    got, losses = train_head(start, xs, t, HeadTrainConfig(epochs=500, batch_size=1 << 20, learning_rate=0.05,
+                                                           l2=0.0, balance=False))
+    assert losses[-1] < losses[0]
+    assert (head_predict(xs, got).argmax(1) == t.argmax(1)).mean() > 0.97
+
+
 def test_head_training_is_deterministic_and_balanced():
     rng = np.random.default_rng(1)
     x = rng.normal(0, 1, (40, 8)).astype(np.float32)

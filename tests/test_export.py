@@ -31,7 +31,7 @@ def tiny_bundle(tiny_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     report = export_run(tiny_run, out, targets=["tflite:all", "onnx:all"], calibration_images=24,
-                        max_drop=100.0, replay_per_class=4, make_zip=True, refit_head=True)
+                        max_drop=100.0, replay_per_class=4, make_zip=True)
     return out, report
 
 
@@ -61,8 +61,9 @@ def test_every_format_and_precision_is_in_the_bundle(tiny_bundle):
     assert int8["replay"] == "replay_backbone_int8_tflite.npz" and int8["flex_ops"] is False
     assert int8["head"] == "head_backbone_int8_tflite.npz"
     # The measured refit recipe (README), pinned: it must not drift with the device trainer's defaults.
-    assert int8["head_refit"] == {"epochs": 5, "batch_size": 32, "learning_rate": 1e-3, "optimizer": "adam",
-                                  "momentum": 0.0, "l2": 1e-4, "balance": True, "seed": 0}
+    assert int8["head_refit"] == {"epochs": 1000, "batch_size": 1 << 20, "learning_rate": 1e-3, "optimizer": "adam",
+                                  "momentum": 0.0, "l2": 0.0, "balance": False, "seed": 0,
+                                  "targets": "float model probabilities"}
     onnx8 = next(e for e in b.files if e["file"] == "backbone_int8.onnx")
     assert onnx8["replay"] == "replay_backbone_int8_onnx.npz" and onnx8["head"] == "head_backbone_int8_onnx.npz"
     names = [e["file"] for e in b.files]

@@ -36,9 +36,9 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
               help="tflite-trainable: SGD learning rate of its train() signature.")
 @click.option("--trainable-l2", type=float, default=1e-4, show_default=True,
               help="tflite-trainable: L2 weight decay of its train() signature.")
-@click.option("--refit-head", is_flag=True,
-              help="Re-fit the head of int8 files on the quantized backbone's features: often a little more "
-                   "accurate, but its predictions agree less with the Keras run's.")
+@click.option("--no-refit-head", is_flag=True,
+              help="Keep the float head for int8 files instead of re-fitting it (distilling the float model) "
+                   "on the quantized backbone's features.")
 @click.option("--int8-head", is_flag=True,
               help="Quantize int8 classifiers' head too (a full-integer file, for accelerators that need one); by "
                    "default their dense layers and softmax stay float, which agrees better with Keras.")
@@ -49,7 +49,7 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
 @json_option
 @handle_errors
 def export(run_dir, out, targets, roles, io, calibration_images, max_drop, replay_per_class, max_classes, trainable_lr,
-           trainable_l2, refit_head, int8_head, no_verify, make_zip, force, threads, as_json):
+           trainable_l2, no_refit_head, int8_head, no_verify, make_zip, force, threads, as_json):
     """Export RUN_DIR to a bundle: TFLite/ONNX files, head, labels, manifest.
 
     Every file is checked for the tensor types asked for and, unless --no-verify, run in its
@@ -65,7 +65,7 @@ def export(run_dir, out, targets, roles, io, calibration_images, max_drop, repla
         report = export_run(run_dir, out, targets=list(targets), roles=tuple(roles), io=io,
                             calibration_images=calibration_images, verify=not no_verify, max_drop=max_drop,
                             replay_per_class=replay_per_class, make_zip=make_zip, force=force, threads=threads,
-                            refit_head=refit_head, max_classes=max_classes, trainable_lr=trainable_lr,
+                            refit_head=not no_refit_head, max_classes=max_classes, trainable_lr=trainable_lr,
                             trainable_l2=trainable_l2, float_head=not int8_head,
                             progress=bars)
     if as_json:

@@ -83,14 +83,19 @@ def forward(layers: Layers, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray
 
 
 def loss_and_grads(layers: Layers, x: np.ndarray, y: np.ndarray, sw: np.ndarray, l2: float):
+    """``y``: class indices (N,), or target probabilities (N, C) (distillation)."""
     acts, p = forward(layers, x)
     n, c = p.shape
     norm = np.float32(sw.sum())
-    ce = -np.log(np.maximum(p[np.arange(n), y], 1e-12))
+    if y.ndim == 2:
+        target = y.astype(np.float32)
+        ce = -(target * np.log(np.maximum(p, 1e-12))).sum(axis=1)
+    else:
+        target = np.zeros_like(p)
+        target[np.arange(n), y] = 1.0
+        ce = -np.log(np.maximum(p[np.arange(n), y], 1e-12))
     loss = float((sw * ce).sum() / norm) + 0.5 * l2 * sum(float((w * w).sum()) for w, _ in layers)
-    onehot = np.zeros_like(p)
-    onehot[np.arange(n), y] = 1.0
-    delta = (p - onehot) * (sw / norm)[:, None]
+    delta = (p - target) * (sw / norm)[:, None]
     grads: list[tuple[np.ndarray, np.ndarray]] = [None] * len(layers)  # type: ignore[list-item]
     for i in range(len(layers) - 1, -1, -1):
         w, _ = layers[i]
@@ -145,16 +150,22 @@ def epoch_orders(n: int, epochs: int, seed: int) -> list[np.ndarray]:
 
 
 def train_head(layers: Layers, x: np.ndarray, y: np.ndarray, cfg: HeadTrainConfig) -> tuple[Layers, list[float]]:
-    """Train all layers of the head; returns the new layers and the mean loss per epoch."""
+    """Train all layers of the head; returns the new layers and the mean loss per epoch.
+
+    ``y`` holds class indices, or (N, C) target probabilities to distil a teacher's outputs.
+    """
     cfg.check()
     x = np.asarray(x, np.float32)
-    y = np.asarray(y, np.int64)
+    soft = np.asarray(y).ndim == 2
+    y = np.asarray(y, np.float32 if soft else np.int64)
     num_classes = layers[-1][0].shape[1]
     if len(x) == 0:
         raise ConfigError("no training samples")
-    if y.max() >= num_classes:
+    if soft and y.shape[1] != num_classes:
+        raise ConfigError(f"targets have {y.shape[1]} classes; the head has {num_classes} outputs")
+    if not soft and y.max() >= num_classes:
         raise ConfigError(f"label {int(y.max())} does not fit a head with {num_classes} outputs")
-    sw_all = class_weights(y, num_classes, cfg.balance)
+    sw_all = class_weights(y.argmax(axis=1) if soft else y, num_classes, cfg.balance)
     layers = [(w.astype(np.float32).copy(), b.astype(np.float32).copy()) for w, b in layers]
     opt = _Optimizer(cfg, layers)
     history = []

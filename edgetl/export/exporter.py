@@ -86,27 +86,29 @@ def first_per_class(samples: list[Sample], k: int) -> list[Sample]:
 
 
 def verify_file(path: Path, role: str, x: np.ndarray, y: np.ndarray, reference: np.ndarray,
-                head_layers, keras_accuracy: float, threads: int | None = None) -> dict:
-    """Run one exported file in its runtime and compare with the Keras outputs."""
+                head_layers, keras_accuracy: float, keras_pred: np.ndarray, threads: int | None = None) -> dict:
+    """Run one exported file in its runtime and compare with the Keras outputs.
+
+    Top-1 agreement is with the Keras classifier's predictions (``keras_pred``) for every file:
+    what a user sees when comparing the file with the run.
+    """
     runner = open_model(path, threads=threads)
     t0 = time.perf_counter()
     out = run_batched(runner, x)
     seconds = time.perf_counter() - t0
     result = {"num_images": int(len(x)), "runtime": runner.backend, "seconds": round(seconds, 3)}
-    if role == "backbone":
+    if role == "backbone":  # scored through the head the device uses with this file
         cos = cosine(out, reference)
         probs = head_predict(out, head_layers)
-        ref_pred = head_predict(reference, head_layers).argmax(1)
         result.update({"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())})
     else:
         probs = out
-        ref_pred = reference.argmax(1)
         result["max_abs_diff"] = float(np.abs(out - reference).max())
     pred = probs.argmax(1)
     result.update({
         "accuracy": float((pred == y).mean()),
         "keras_accuracy": keras_accuracy,
-        "top1_agreement": float((pred == ref_pred).mean()),
+        "top1_agreement": float((pred == keras_pred).mean()),
     })
     result["accuracy_drop_points"] = round(100 * (keras_accuracy - result["accuracy"]), 3)
     return result
@@ -124,7 +126,7 @@ def export_run(
     replay_per_class: int = 256,
     make_zip: bool = False,
     force: bool = False,
-    refit_head: bool = False,
+    refit_head: bool = True,
     max_classes: int | None = None,
     trainable_lr: float = 0.01,
     trainable_l2: float = 1e-4,
@@ -188,6 +190,7 @@ def export_run(
         sources = {r: ExportSource(r, models[r], work, x_cal[:calibration_images], {**metadata, "role": r})
                    for r in ("backbone", "classifier")}
         extra_heads: dict[str, Layers] = {}
+        teacher = None  # (photo paths, the float model's probabilities on them), computed once
         for fmt, precision in parsed:
             module = importlib.import_module(fmt.module)
             target_head = head_layers
@@ -214,7 +217,10 @@ def export_run(
                 train_features = None  # this backbone file's features of the training photos
                 if role == "backbone" and refit_head and precision in REFIT_PRECISIONS:
                     train_features = backbone_features(where / name, run.samples("train"), spec, threads)
-                    target_head = _refit_head(train_features, head_layers)
+                    if teacher is None or teacher[0] != train_features[2]:
+                        teacher = (train_features[2],
+                                   _teacher_probs(backbone, head_layers, train_features[2], spec))
+                    target_head = _refit_head(train_features, head_layers, teacher[1])
                     if role in roles:
                         head_name = f"head_{name.replace('.', '_')}.npz"
                         save_head(staging / head_name, target_head)
@@ -226,12 +232,12 @@ def export_run(
                 if fmt.name == "tflite":
                     entry["flex_ops"] = bool(info["flex_or_custom_ops"])
                 if target_head is not head_layers:
-                    entry["head_refit"] = dict(REFIT_CONFIG.__dict__)
+                    entry["head_refit"] = {**REFIT_CONFIG.__dict__, "targets": "float model probabilities"}
                     if role == "backbone":
                         entry["head"] = extra_heads[name]
                 if verify and len(x_val):
                     v = verify_file(staging / name, role, x_val, y_val, references[role], target_head, keras_acc,
-                                    threads)
+                                    references["classifier"].argmax(1), threads)
                     v.update({"file": name, "role": role, "format": fmt.name, "precision": precision})
                     verification.append(v)
                     entry["verification"] = {k: v[k] for k in ("accuracy", "top1_agreement", "accuracy_drop_points")}
@@ -329,7 +335,10 @@ def _write_self_test(staging: Path, entries: list, val_samples: list[Sample], sp
 
 
 REFIT_PRECISIONS = ("int8",)
-REFIT_CONFIG = HeadTrainConfig(epochs=5, batch_size=32, learning_rate=1e-3, l2=1e-4, optimizer="adam", balance=True, seed=0)
+# Distillation, full batch (every step sees all training photos), no re-weighting, no L2: the
+# target is the float model itself.
+REFIT_CONFIG = HeadTrainConfig(epochs=1000, batch_size=1 << 20, learning_rate=1e-3, l2=0.0, optimizer="adam",
+                               balance=False, seed=0)
 
 
 def backbone_features(backbone_file: Path, samples: list[Sample], spec, threads: int | None,
@@ -353,16 +362,31 @@ def backbone_features(backbone_file: Path, samples: list[Sample], spec, threads:
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int64), paths
 
 
-def _refit_head(train_features: tuple[np.ndarray, np.ndarray, list[str]], head_layers: Layers) -> Layers:
-    """Re-fit the head on the QUANTIZED backbone's features of the training photos.
+def _refit_head(train_features: tuple[np.ndarray, np.ndarray, list[str]], head_layers: Layers,
+                teacher: np.ndarray) -> Layers:
+    """Re-fit the head on the QUANTIZED backbone's features of the training photos, distilling
+    the float model: the targets are the float classifier's probabilities on the same photos.
 
-    Post-training quantization shifts the features a little; a few epochs of the device's own
-    head trainer, starting from the float head, adapt the head to the features it will see.
-    Measured on flowers (alpha 1.0, 224, int8): test accuracy 0.890 -> 0.908 (Keras 0.904),
-    validation 0.893 -> 0.893. Only training photos are used.
+    Post-training quantization moves the features; the head learns to map the moved features to
+    what the float model says, so the int8 file agrees with Keras as well as it classifies.
+    Measured on flowers (alpha 1.0, 224, flowers/test, 500 photos; Keras 0.904): int8 TFLite
+    backbone 0.892 / agreement 0.972 with the float head, 0.898 / 0.974 distilled; int8 ONNX
+    0.890 / 0.972 -> 0.900 / 0.970. Re-fitting on the labels instead (the former recipe) gained
+    accuracy but lost agreement (0.933-0.963 on validation photos). Only training photos are used.
     """
-    layers, _ = train_head(head_layers, train_features[0], train_features[1], REFIT_CONFIG)
+    layers, _ = train_head(head_layers, train_features[0], teacher, REFIT_CONFIG)
     return layers
+
+
+def _teacher_probs(backbone, head_layers: Layers, paths: list[str], spec, chunk: int = 64) -> np.ndarray:
+    """The float model's probabilities on these photos (the distillation targets)."""
+    out = []
+    for part in preprocess.iter_chunks(paths, chunk):
+        x, _, bad = preprocess.load_batch(list(part), spec)
+        if bad:
+            raise ExportError(f"a training photo became unreadable during export: {bad[0][1]}")
+        out.append(head_predict(np.asarray(backbone.predict(x, batch_size=32, verbose=0), np.float32), head_layers))
+    return np.concatenate(out)
 
 
 def _classifier_with_head(run, layers: Layers):
