@@ -22,7 +22,8 @@
 # Needs root (debootstrap, chroot, mounts) and Debian's qemu-user-static and debootstrap
 # (installed with apt-get when missing). Timings on a 2-core x86-64 host: rootfs ~10-13 min the
 # first time, install ~1-2 min, tests ~2-4 min per CPU model. Environment: EDGETL_EMU_DIR (default
-# ~/.cache/edgetl/emulate), EDGETL_SHARED (default ../shared), DEBIAN_MIRROR.
+# ~/.cache/edgetl/emulate), EDGETL_SHARED (default ../shared), DEBIAN_MIRROR, and for crosscpu
+# EDGETL_CROSS_CPU_PHOTOS (default 100) and EDGETL_CROSS_CPU_FILES (default: every file).
 set -euo pipefail
 
 SUITE=bookworm
@@ -210,7 +211,8 @@ if has crosscpu; then
   say "crosscpu: every file of the bundle on ${EDGETL_CROSS_CPU_PHOTOS:-100} photos"
   t0=$SECONDS
   inside /bin/sh -c "cd /work/edgetl && python benchmarks/cross_cpu.py measure --bundle /work/bundle \
-    --dir /work/crosscpu --cpu $CPU --limit ${EDGETL_CROSS_CPU_PHOTOS:-100}"
+    --dir /work/crosscpu --cpu $CPU --limit ${EDGETL_CROSS_CPU_PHOTOS:-100} \
+    ${EDGETL_CROSS_CPU_FILES:+--files $EDGETL_CROSS_CPU_FILES}"
   say "crosscpu: done in $((SECONDS - t0)) s"
 fi
 say "all steps passed"
