@@ -60,25 +60,6 @@ def reference(run: Path, photos: int, out: Path) -> None:
           f" -> {out / 'reference.npz'}")
 
 
-def cpu_fingerprint() -> dict:
-    """The CPU kind as the int8 kernels see it: architecture, model, and the flags that pick them."""
-    info = {"machine": platform.machine(), "model": "", "flags": []}
-    interesting = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512bw", "fma", "f16c", "asimd", "asimddp",
-                   "fphp", "asimdhp", "i8mm", "sve", "bf16", "amx_int8"}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "model") and not info["model"]:
-            info["model"] = value.strip()
-        if key in ("flags", "features") and not info["flags"]:
-            info["flags"] = sorted(set(value.split()) & interesting)
-    return info
-
-
 def _trainable_parity(bundle) -> dict[str, np.ndarray]:
     """infer/train/save/restore of the trainable head on fixed inputs (the phone's path)."""
     from edgetl.device.tflite_trainer import TFLiteTrainableHead
@@ -155,6 +136,8 @@ def measure(bundle_path: Path, ref_dir: Path, cpu: str, limit: int | None, threa
         with np.load(old_npz) as z:
             raw = {**{k: z[k] for k in z.files if k.split("/")[0] not in raw}, **raw}
         rows = kept + rows
+    from edgetl.selftest import cpu_fingerprint
+
     doc = {"cpu": cpu, "fingerprint": cpu_fingerprint(), "python": platform.python_version(),
            "bundle": str(bundle_path), "rows": rows, "versions": _versions()}
     (ref_dir / f"{cpu}.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -33,27 +33,41 @@ JPEG_QUALITY = 92
 # A device may be this much below what the export machine measured on the same pixels.
 COSINE_MARGIN = 0.02
 AGREEMENT_MARGIN_PHOTOS = 2
-# CPU flags that choose different int8 kernels (x86: VNNI vs AVX2; ARM: dot product, i8mm).
-KERNEL_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "f16c",
-                "asimd", "asimddp", "i8mm", "sve", "fphp", "asimdhp", "bf16")
+# CPU features that choose different int8 kernels (x86: VNNI vs AVX2; ARM: dot product, i8mm).
+KERNEL_FLAGS = ("avx2", "fma3", "f16c", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "avx512fp16", "avx512bf16",
+                "amx_int8", "neon", "asimd", "asimdhp", "asimddp", "asimdfhm", "i8mm", "sve", "sve2", "fphp")
+
+
+def _cpuid_flags() -> list[str] | None:
+    """The CPU features NumPy's dispatcher detected (CPUID on x86, HWCAP on ARM): what the
+    kernels of this process really see, also under ``qemu -cpu MODEL``, where /proc/cpuinfo
+    still describes the host."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # NumPy 1.x
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return None
+    return sorted(k.lower() for k, on in features.items() if on and k.lower() in KERNEL_FLAGS)
 
 
 def cpu_fingerprint() -> dict:
-    """Architecture, CPU model and the flags that pick int8 kernels, plus the runtimes' versions."""
+    """Architecture, CPU model and the features that pick int8 kernels, plus the runtimes' versions."""
     from importlib.metadata import PackageNotFoundError, version
 
-    info: dict = {"machine": platform.machine(), "model": "", "flags": []}
+    info: dict = {"machine": platform.machine(), "model": "", "flags": _cpuid_flags() or []}
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         text = ""
+    first: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "model", "hardware") and not info["model"]:
-            info["model"] = value.strip()
-        if key in ("flags", "features") and not info["flags"]:
-            info["flags"] = sorted(set(value.split()) & set(KERNEL_FLAGS))
+        first.setdefault(key.strip().lower(), value.strip())
+    info["model"] = first.get("model name") or first.get("model") or first.get("hardware") or ""
+    if not info["flags"]:
+        info["flags"] = sorted(set(first.get("flags", first.get("features", "")).split()) & set(KERNEL_FLAGS))
     runtimes = {}
     for p in ("ai-edge-litert", "onnxruntime"):
         try:

@@ -30,6 +30,8 @@ def test_every_command_has_help():
         res = runner.invoke(cli, [*path, "--help"])
         assert res.exit_code == 0, (path, res.output)
         assert (cmd.help or "").strip(), f"{' '.join(path)} has no help text"
+        for opt in (p for p in cmd.params if isinstance(p, click.Option)):
+            assert (opt.help or "").strip(), f"{' '.join(path)} {opt.opts[0]} has no help text"
         assert "Usage: " in res.output
         names.append(" ".join(path))
     assert {"train", "eval", "predict"} <= set(names)
