@@ -101,6 +101,7 @@ fake_cpuinfo() {
 
 MOUNTS=()
 enter() {
+  leave  # stale mounts of an interrupted run
   mkdir -p "$FS/work/edgetl" "$FS/work/shared" "$FS/work/bundle"
   mount -t proc proc "$FS/proc"; MOUNTS+=("$FS/proc")
   fake_cpuinfo > "$EMU/cpuinfo-$CPU"
@@ -117,8 +118,12 @@ enter() {
     | tar -xf - -C "$FS/work/edgetl"
 }
 leave() {
-  local i
-  for (( i=${#MOUNTS[@]}-1; i>=0; i-- )); do umount -l "${MOUNTS[$i]}" 2>/dev/null || true; done
+  # Everything mounted below the userland, deepest first: ours, and any left by a run that was
+  # killed before its own clean-up (one run per userland at a time).
+  local m
+  for m in $(awk -v fs="$FS/" 'index($2, fs) == 1 {print $2}' /proc/mounts | sort -r); do
+    umount -l "$m" 2>/dev/null || true
+  done
   MOUNTS=()
 }
 trap leave EXIT
