@@ -15,6 +15,7 @@ can drift on another; this is how a device finds out before it learns anything w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -54,6 +55,11 @@ def _cpuid_flags() -> list[str] | None:
 
 def cpu_fingerprint() -> dict:
     """Architecture, CPU model and the features that pick int8 kernels, plus the runtimes' versions."""
+    return dict(_fingerprint())
+
+
+@functools.lru_cache(maxsize=1)
+def _fingerprint() -> dict:  # read once per process: /proc/cpuinfo and package metadata do not change
     from importlib.metadata import PackageNotFoundError, version
 
     info: dict = {"machine": platform.machine(), "model": "", "flags": _cpuid_flags() or []}

@@ -45,8 +45,10 @@ def export_personalized(learner, out: str | Path, force: bool = False) -> dict:
         np.savez(buf, features=x.astype(np.float16), labels=y.astype(np.int64))
         atomic_write_bytes(staging / replay_name, buf.getvalue())
         atomic_write_text(staging / "labels.txt", "\n".join(labels) + "\n")
+        # The export-time records (verification, self-test thresholds) describe the workstation
+        # head and the source bundle's references, which this bundle does not carry.
         keep = {k: v for k, v in entry.items() if k not in ("file", "role", "bytes", "sha256", "head", "replay",
-                                                               "head_refit", "verification")}
+                                                               "head_refit", "verification", "self_test")}
         shapes = [list(w.shape) for w, _ in head.layers]
         files = [
             file_entry(staging, entry["file"], "backbone", **keep, head=head_name, replay=replay_name),

@@ -47,14 +47,14 @@ def _describe(entry: dict) -> str:
     return f"{entry['file']} (--backend {FORMATS[entry['format']].runtime} --precision {entry.get('precision')})"
 
 
-def pick_backbone(bundle: Bundle, store_path: Path, backend: str | None, precision: str | None) -> dict:
-    """The bundle's backbone file for this store.
+def pick_backbone(bundle: Bundle, store_path: Path, backend: str | None, precision: str | None,
+                  made_with: str | None) -> dict:
+    """The bundle's backbone file for this store (``made_with``: the store's backbone, None if new).
 
     A store's features come from one backbone file; an existing store keeps using the file it
     was made with unless ``backend``/``precision`` ask for another, which is refused with the
     options that open it.
     """
-    made_with = SampleStore.backbone_of(store_path)
     origin = next((e for e in bundle.entries("backbone") if e["sha256"] == made_with), None)
     if origin is not None and backend is None and precision is None:
         return origin
@@ -122,11 +122,11 @@ class Learner:
              check: bool = True) -> Learner:
         b = open_bundle(bundle)
         store_path = Path(store) if store else default_store_path(b)
-        entry = pick_backbone(b, store_path, backend, precision)
+        made_with = SampleStore.backbone_of(store_path)
+        entry = pick_backbone(b, store_path, backend, precision, made_with)
         runner = open_model(b.path(entry), threads=threads, backend=backend)
         checked = None
-        new_store = SampleStore.backbone_of(store_path) is None
-        if check and new_store and backend is None and precision is None and b.manifest.get("self_test"):
+        if check and made_with is None and backend is None and precision is None and b.manifest.get("self_test"):
             # A new store may still choose its backbone file: the first, in the bundle's order of
             # preference, that computes on this CPU what the export verified.
             entry, runner, checked = _first_passing_backbone(b, entry, runner, threads)
