@@ -113,6 +113,7 @@ def bench(
     max_drop: float = 1.0,
     io: str = "int8",
     progress: Progress | None = None,
+    full_integer: bool = False,
 ) -> dict:
     """Benchmark a run folder (exports every target first) or an existing bundle."""
     from .data import load_samples, scan_folder
@@ -161,7 +162,8 @@ def bench(
                 from .export import export_run
 
                 export_run(source, where, targets=[f"{fmt_name}:{precision}"], roles=("classifier",), io=io,
-                           calibration_images=calibration_images, verify=False, replay_per_class=0)
+                           full_integer=full_integer, calibration_images=calibration_images, verify=False,
+                           replay_per_class=0)
                 from .bundle import open_bundle
 
                 b = open_bundle(where)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..formats import FORMATS, IO_TYPES
+from ..formats import FLOAT_ERROR, FORMATS, IO_TYPES
 from .common import ProgressBars, emit_json, handle_errors, json_option, print_table, quiet_tensorflow, threads_option
 
 _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS.values())
@@ -22,7 +22,7 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
               default=("classifier", "backbone"), show_default=True,
               help="classifier: image -> probabilities; backbone: image -> feature (for on-device learning).")
 @click.option("--io", type=click.Choice(IO_TYPES), default="int8", show_default=True,
-              help="Input/output type of full-integer int8 TFLite files (backbones; classifiers with --int8-head).")
+              help="Input/output type of --full-int8 TFLite files (mixed int8 files take float).")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=200, show_default=True,
               help="Training photos used to calibrate int8 (balanced over classes).")
 @click.option("--max-drop", type=float, default=1.0, show_default=True,
@@ -39,9 +39,13 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
 @click.option("--no-refit-head", is_flag=True,
               help="Keep the float head for int8 files instead of re-fitting it (distilling the float model) "
                    "on the quantized backbone's features.")
-@click.option("--int8-head", is_flag=True,
-              help="Quantize int8 classifiers' head too (a full-integer file, for accelerators that need one); by "
-                   "default their dense layers and softmax stay float, which agrees better with Keras.")
+@click.option("--full-int8", is_flag=True,
+              help="Make int8 TFLite files full-integer (every op int8, I/O per --io; for accelerators that need "
+                   "one). By default a classifier's head and the layers int8 hurts most stay float, which "
+                   "agrees better with Keras on every CPU.")
+@click.option("--float-error", type=click.FloatRange(min=0), default=FLOAT_ERROR, show_default=True,
+              help="Mixed int8: keep in float each layer whose int8 output error, measured on calibration photos, "
+                   "exceeds this many quantization steps (RMSE / scale).")
 @click.option("--no-verify", is_flag=True, help="Skip running every file against Keras on the validation photos.")
 @click.option("--zip", "make_zip", is_flag=True, help="Also write the bundle as one .zip beside the folder.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
@@ -49,7 +53,7 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
 @json_option
 @handle_errors
 def export(run_dir, out, targets, roles, io, calibration_images, max_drop, replay_per_class, max_classes, trainable_lr,
-           trainable_l2, no_refit_head, int8_head, no_verify, make_zip, force, threads, as_json):
+           trainable_l2, no_refit_head, full_int8, float_error, no_verify, make_zip, force, threads, as_json):
     """Export RUN_DIR to a bundle: TFLite/ONNX files, head, labels, manifest.
 
     Every file is checked for the tensor types asked for and, unless --no-verify, run in its
@@ -66,7 +70,8 @@ def export(run_dir, out, targets, roles, io, calibration_images, max_drop, repla
                             calibration_images=calibration_images, verify=not no_verify, max_drop=max_drop,
                             replay_per_class=replay_per_class, make_zip=make_zip, force=force, threads=threads,
                             refit_head=not no_refit_head, max_classes=max_classes, trainable_lr=trainable_lr,
-                            trainable_l2=trainable_l2, float_head=not int8_head,
+                            trainable_l2=trainable_l2, full_integer=full_int8,
+                            float_error=float_error,
                             progress=bars)
     if as_json:
         emit_json(report)
@@ -101,11 +106,12 @@ def _fmt(v, spec="{:.3f}"):
 @click.option("--max-drop", type=float, default=1.0, show_default=True,
               help="Mark an int8 file as failed when its accuracy is more than this many points below Keras.")
 @click.option("--io", type=click.Choice(IO_TYPES), default="int8", show_default=True,
-              help="Input/output type of full-integer int8 TFLite files.")
+              help="Input/output type of --full-int8 TFLite files (mixed int8 files take float).")
+@click.option("--full-int8", is_flag=True, help="Benchmark full-integer int8 TFLite files instead of mixed ones.")
 @threads_option
 @json_option
 @handle_errors
-def bench(model, data_dir, targets, runs, warmup, calibration_images, max_drop, io, threads, as_json):
+def bench(model, data_dir, targets, runs, warmup, calibration_images, max_drop, io, full_int8, threads, as_json):
     """Benchmark every format x precision of MODEL (run folder or bundle) on DATA_DIR.
 
     Rows: status, file size, accuracy and its difference to Keras, batch-1 latency p50/p95 with
@@ -116,7 +122,8 @@ def bench(model, data_dir, targets, runs, warmup, calibration_images, max_drop, 
 
     with ProgressBars() as bars:
         result = run_bench(model, data_dir, targets=list(targets) or None, runs=runs, warmup=warmup, threads=threads,
-                           calibration_images=calibration_images, max_drop=max_drop, io=io, progress=bars)
+                           calibration_images=calibration_images, max_drop=max_drop, io=io, full_integer=full_int8,
+                           progress=bars)
     if as_json:
         emit_json(result)
         return

@@ -13,6 +13,7 @@ each other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,10 +150,12 @@ def epoch_orders(n: int, epochs: int, seed: int) -> list[np.ndarray]:
     return [rng.permutation(n) for _ in range(epochs)]
 
 
-def train_head(layers: Layers, x: np.ndarray, y: np.ndarray, cfg: HeadTrainConfig) -> tuple[Layers, list[float]]:
+def train_head(layers: Layers, x: np.ndarray, y: np.ndarray, cfg: HeadTrainConfig,
+               on_epoch: Callable[[int, Layers], None] | None = None) -> tuple[Layers, list[float]]:
     """Train all layers of the head; returns the new layers and the mean loss per epoch.
 
     ``y`` holds class indices, or (N, C) target probabilities to distil a teacher's outputs.
+    ``on_epoch(epoch, layers)`` is called after every epoch (1-based), e.g. to early-stop.
     """
     cfg.check()
     x = np.asarray(x, np.float32)
@@ -177,6 +180,8 @@ def train_head(layers: Layers, x: np.ndarray, y: np.ndarray, cfg: HeadTrainConfi
             layers = opt.step(layers, grads)
             losses.append(loss)
         history.append(float(np.mean(losses)))
+        if on_epoch is not None:
+            on_epoch(len(history), layers)
     return layers, history
 
 

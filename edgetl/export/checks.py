@@ -27,7 +27,8 @@ def tflite_summary(path: Path) -> dict:
     }
 
 
-def check_tflite(path: str | Path, precision: str, io: str = "float", float_ops: tuple[str, ...] = ()) -> dict:
+def check_tflite(path: str | Path, precision: str, io: str = "float", float_ops: tuple[str, ...] = (),
+                 mixed: bool = False) -> dict:
     """Check tensor types against the precision; return the file's summary for the manifest."""
     path = Path(path)
     s = tflite_summary(path)
@@ -45,12 +46,13 @@ def check_tflite(path: str | Path, precision: str, io: str = "float", float_ops:
         problems.append(f"it holds no float16 tensors ({n_f32} float32); expected float16 weights")
     elif precision == "dynamic" and not (n_i8 and n_f32):
         problems.append(f"it holds {n_i8} int8 and {n_f32} float32 tensors; expected int8 weights with float activations")
-    elif precision == "int8" and float_ops:
-        # int8 with a float head: float ops only where asked, after a DEQUANTIZE.
+    elif precision == "int8" and (float_ops or mixed):
+        # Mixed int8 (a float head, layers kept float): int8 convolutions, float ops only where
+        # asked, between QUANTIZE/DEQUANTIZE.
         float_kinds = {"FULLY_CONNECTED", "SOFTMAX", "DEQUANTIZE", "QUANTIZE"} | set(float_ops)
         int8_kinds = {"CONV_2D", "DEPTHWISE_CONV_2D"}
         if not int8_kinds & set(s["ops"]) or "DEQUANTIZE" not in s["ops"] or not n_i8:
-            problems.append(f"its ops {sorted(s['ops'])} are not int8 convolutions followed by a float head")
+            problems.append(f"its ops {sorted(s['ops'])} are not int8 convolutions with float parts")
         unexpected = set(s["ops"]) - float_kinds - int8_kinds - {"ADD", "MEAN", "RESHAPE", "PAD", "RELU6", "MUL"}
         if unexpected:
             problems.append(f"it has unexpected ops {sorted(unexpected)}")

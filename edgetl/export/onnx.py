@@ -110,7 +110,7 @@ def export(source: ExportSource, path: Path, precision: str, options: ExportOpti
                         "pre-processing", source.role, str(exc)[:200])
             pre = f32
         input_name = model_proto.graph.input[0].name
-        float_head = _head_nodes(onnx.load(pre)) if source.role == "classifier" and options.float_head else []
+        float_head = _head_nodes(onnx.load(pre)) if source.role == "classifier" and not options.full_integer else []
         try:
             quantize_static(
                 pre, q, _Calibration(input_name, source.calibration),

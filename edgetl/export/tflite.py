@@ -14,14 +14,19 @@ from .quantization import QuantizationConfig
 def export(source: ExportSource, path: Path, precision: str, options: ExportOptions) -> dict:
     import tensorflow as tf
 
-    if precision == "int8" and source.role == "classifier" and options.float_head:
-        quant = QuantizationConfig.for_int8_float_head()
+    if precision == "int8" and not options.full_integer:
+        quant = QuantizationConfig.for_int8_mixed(source.role, options.float_error)
     else:
         quant = QuantizationConfig.for_precision(precision, options.io)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(source.saved_model()))
     try:
-        flatbuffer = quant.convert(converter, source.calibration if quant.needs_calibration else None)
+        flatbuffer, float_layers = quant.convert(converter, source.calibration if quant.needs_calibration else None)
     except Exception as exc:  # the converter raises many types
         raise ExportError(f"TFLite conversion of the {source.role} to {precision} failed: {str(exc)[:400]}") from None
     atomic_write_bytes(path, flatbuffer)
-    return check_tflite(path, precision, quant.io if precision == "int8" else "float", float_ops=quant.float_ops)
+    info = check_tflite(path, precision, quant.io if precision == "int8" else "float",
+                        float_ops=quant.float_ops, mixed=quant.float_error is not None)
+    if precision == "int8" and not options.full_integer:
+        info["quantization"] = {"float_ops": list(quant.float_ops), "float_error_threshold": quant.float_error,
+                                "float_layers": float_layers}
+    return info
