@@ -8,9 +8,12 @@ See docs/bundle.md for every manifest field.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -26,17 +29,35 @@ BUNDLE_FORMAT = "edgetl-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ROLES = ("classifier", "backbone", "head", "replay", "trainable_head", "labels", "report", "references")
+DIGEST_FIELD = "manifest_sha256"
+# Zip bundles are extracted (to a private temp folder removed when the bundle is closed or
+# collected) only within these bounds, checked on the zip's directory before a byte is written.
+ZIP_MAX_MEMBERS = 256
+ZIP_MAX_BYTES = int(os.environ.get("EDGETL_ZIP_MAX_BYTES", 2 << 30))  # uncompressed total
+ZIP_MAX_RATIO = 100  # uncompressed / compressed, per member (models compress about 1.1x)
 
 
 class Bundle:
-    def __init__(self, root: Path, manifest: dict, source: Path):
+    def __init__(self, root: Path, manifest: dict, source: Path, cleanup: Path | None = None):
         self.root = root
         self.manifest = manifest
         self.source = source
+        # A zip's extracted copy goes when the bundle is closed, collected, or at exit.
+        self._finalizer = weakref.finalize(self, shutil.rmtree, cleanup, True) if cleanup else None
         self.labels: list[str] = list(manifest["labels"])
         self.preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
         self.feature_dim: int = int(manifest["feature_dim"])
         self.backbone_identity: dict = manifest["backbone"]
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def files(self) -> list[dict]:
@@ -77,7 +98,7 @@ class Bundle:
     def head(self, backbone_entry: dict | None = None) -> Layers:
         """The head; a quantized backbone may carry its own re-fitted head (``backbone_entry['head']``)."""
         if backbone_entry is not None and backbone_entry.get("head"):
-            entry = next(f for f in self.files if f["file"] == backbone_entry["head"])
+            entry = self._entry(backbone_entry["head"], "head")
         else:
             entry = next((f for f in self.entries("head") if "backbone" not in f), None) or self.pick("head")
         layers = load_head(self.path(entry))
@@ -93,8 +114,45 @@ class Bundle:
         name = backbone_entry.get("replay")
         if not name:
             return None
-        with np.load(self.root / name, allow_pickle=False) as z:
-            return z["features"].astype(np.float32), z["labels"].astype(np.int64)
+        entry = self._entry(name, "replay")
+        try:
+            with np.load(self.path(entry), allow_pickle=False) as z:
+                feats, labels = z["features"].astype(np.float32), z["labels"].astype(np.int64)
+        except (ValueError, KeyError, OSError) as exc:
+            raise BundleError(f"bundle {self.source}: replay file {name} is not a features/labels npz ({exc})") from None
+        if feats.ndim != 2 or feats.shape[1] != self.feature_dim or len(labels) != len(feats):
+            raise BundleError(f"bundle {self.source}: replay file {name} holds features {feats.shape} and "
+                              f"{len(labels)} labels; expected (N, {self.feature_dim}) and N labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.labels)):
+            raise BundleError(f"bundle {self.source}: replay file {name} has labels outside 0..{len(self.labels) - 1}")
+        return feats, labels
+
+    def open_model(self, entry: dict, threads: int | None = None, backend: str | None = None):
+        """Open a backbone or classifier file in its runtime and check its tensors against the
+        manifest (input size, feature_dim, number of labels): a file that doesn't fit is refused
+        here, with both shapes, instead of failing later inside a computation."""
+        from .runtime import open_model
+
+        runner = open_model(self.path(entry), threads=threads, backend=backend)
+        want = {"backbone": self.feature_dim, "classifier": len(self.labels)}.get(entry["role"])
+        out = runner.output.shape[-1] if runner.output.shape else None
+        if want is not None and out not in (None, -1) and int(out) != want:
+            what = "feature_dim" if entry["role"] == "backbone" else "number of labels"
+            raise BundleError(f"bundle {self.source}: {entry['file']} outputs {int(out)} values per image; the "
+                              f"manifest's {what} is {want}: the file does not belong to this bundle")
+        size = runner.input_size
+        if size is not None and size != self.preprocessing.size:
+            raise BundleError(f"bundle {self.source}: {entry['file']} takes {size}x{size} images; the manifest's "
+                              f"preprocessing says {self.preprocessing.size}")
+        return runner
+
+    def _entry(self, name: str, role: str) -> dict:
+        """The verified file entry ``name`` of ``role`` (open_bundle checked that it exists)."""
+        entry = next((f for f in self.files if f["file"] == name and f["role"] == role), None)
+        if entry is None:
+            raise BundleError(f"bundle {self.source}: the manifest refers to {name!r} as a {role} file, "
+                              f"but lists no such {role} file")
+        return entry
 
 
 def _fail(source, msg: str):
@@ -121,6 +179,47 @@ def read_manifest(root: Path, source: Path) -> dict:
     return m
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces), its own digest field left out."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def verify_manifest(root: Path, manifest: dict, source: Path) -> None:
+    """The manifest's own digest, and every file name it refers to is a verified entry of the right role."""
+    want = manifest.get(DIGEST_FIELD)
+    if not want:
+        _fail(source, f"{MANIFEST} carries no {DIGEST_FIELD}; bundles from edgetl before 0.2 are not "
+                      "accepted; re-export it with 'edgetl export'")
+    got = manifest_digest(manifest)
+    if got != want:
+        _fail(source, f"{MANIFEST} was changed after export: its content hashes to {got[:16]}..., its "
+                      f"{DIGEST_FIELD} says {str(want)[:16]}...; re-export the bundle")
+    files = manifest["files"]
+    if not isinstance(files, list) or not all(isinstance(e, dict) for e in files):
+        _fail(source, f"{MANIFEST}: files must be a list of objects")
+    names = [e.get("file") for e in files]
+    if len(names) != len(set(names)):
+        _fail(source, f"{MANIFEST} lists a file twice: {sorted({n for n in names if names.count(n) > 1})}")
+    roles = {e.get("file"): e.get("role") for e in files}
+    refs = [(e.get("file"), key, e[key], role) for e in files
+            for key, role in (("replay", "replay"), ("head", "head")) if key in e]
+    st = manifest.get("self_test")
+    if isinstance(st, dict) and "file" in st:
+        refs.append((MANIFEST, "self_test.file", st["file"], "references"))
+    for owner, key, name, role in refs:
+        if not isinstance(name, str) or roles.get(name) != role:
+            _fail(source, f"{owner}: {key} {name!r} is not one of the bundle's verified {role} files "
+                          f"({', '.join(n for n, r in roles.items() if r == role) or 'none'})")
+    for name in [n for n, r in roles.items() if r == "labels"]:
+        p = root / name
+        if p.is_file():
+            lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+            if lines != list(manifest["labels"]):
+                _fail(source, f"the manifest's labels {manifest['labels']} differ from {name} {lines}")
+
+
 def verify_files(root: Path, manifest: dict, source: Path) -> None:
     for entry in manifest["files"]:
         name = entry.get("file", "")
@@ -145,25 +244,69 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     source = Path(path)
     if not source.exists():
         raise BundleError(f"bundle {source} does not exist")
+    cleanup = None
     if source.is_file():
         if not zipfile.is_zipfile(source):
             _fail(source, "is a file but not a zip; expected a bundle folder or its .zip")
-        root = Path(tempfile.mkdtemp(prefix="edgetl-bundle-"))
-        with zipfile.ZipFile(source) as zf:
-            for info in zf.infolist():
-                target = (root / info.filename).resolve()
-                if not str(target).startswith(str(root.resolve())):
-                    _fail(source, f"zip member {info.filename!r} points outside the bundle")
-            zf.extractall(root)
-        subdirs = [p for p in root.iterdir() if p.is_dir()]
-        if not (root / MANIFEST).exists() and len(subdirs) == 1:
-            root = subdirs[0]
+        cleanup = Path(tempfile.mkdtemp(prefix="edgetl-bundle-"))
+        try:
+            root = _extract_zip(source, cleanup)
+        except BaseException:
+            shutil.rmtree(cleanup, ignore_errors=True)
+            raise
     else:
         root = source
-    manifest = read_manifest(root, source)
-    if verify:
-        verify_files(root, manifest, source)
-    return Bundle(root, manifest, source)
+    try:
+        manifest = read_manifest(root, source)
+        if verify:
+            verify_files(root, manifest, source)
+            verify_manifest(root, manifest, source)
+        return Bundle(root, manifest, source, cleanup)
+    except BaseException:
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        raise
+
+
+def _extract_zip(source: Path, into: Path) -> Path:
+    """Extract a zip bundle into ``into`` within bounds (members, total size, ratio); the root."""
+    try:
+        with zipfile.ZipFile(source) as zf:
+            infos = zf.infolist()
+            if len(infos) > ZIP_MAX_MEMBERS:
+                _fail(source, f"the zip has {len(infos)} members; a bundle has at most {ZIP_MAX_MEMBERS}")
+            total = sum(i.file_size for i in infos)
+            if total > ZIP_MAX_BYTES:
+                _fail(source, f"the zip would unpack to {total / 1e6:.0f} MB; at most {ZIP_MAX_BYTES / 1e6:.0f} MB "
+                              "is accepted (EDGETL_ZIP_MAX_BYTES)")
+            base = into.resolve()
+            for info in infos:
+                target = (into / info.filename).resolve()
+                if target != base and base not in target.parents:
+                    _fail(source, f"zip member {info.filename!r} points outside the bundle")
+                if info.file_size > 1 << 20 and info.file_size > ZIP_MAX_RATIO * max(info.compress_size, 1):
+                    _fail(source, f"zip member {info.filename!r} unpacks {info.compress_size} bytes to "
+                                  f"{info.file_size} (more than {ZIP_MAX_RATIO}x): refused as a zip bomb")
+            for info in infos:  # sizes are re-checked while reading: the directory can lie
+                target = into / info.filename
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    written = 0
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > info.file_size:
+                            _fail(source, f"zip member {info.filename!r} unpacks to more than its stated "
+                                          f"{info.file_size} bytes")
+                        dst.write(chunk)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
+        _fail(source, f"the zip cannot be read ({exc})")
+    subdirs = [p for p in into.iterdir() if p.is_dir()]
+    if not (into / MANIFEST).exists() and len(subdirs) == 1:
+        return subdirs[0]
+    return into
 
 
 def file_entry(root: Path, name: str, role: str, **fields) -> dict:
@@ -178,6 +321,8 @@ def commit_bundle(staging: Path, target: Path, manifest: dict, force: bool = Fal
     half bundle (only a hidden staging folder, removed by the next export); ``force``
     swaps an existing bundle for the new one atomically (see :func:`edgetl.fileio.commit_dir`).
     """
+    manifest = {k: v for k, v in manifest.items() if k != DIGEST_FIELD}
+    manifest[DIGEST_FIELD] = manifest_digest(manifest)
     atomic_write_json(staging / MANIFEST, manifest)
     os.chmod(staging, 0o755)
     if target.exists() and not force:

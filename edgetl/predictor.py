@@ -112,10 +112,10 @@ def open_predictor(
         b = open_bundle(p)
         entry = b.pick("classifier", backend=backend, precision=precision, required=False)
         if entry is not None:
-            runner = open_model(b.path(entry), threads, backend)
+            runner = b.open_model(entry, threads, backend)
             return FilePredictor(runner, b.labels, b.preprocessing, f"bundle {p} ({entry['file']})")
         entry = b.pick("backbone", backend=backend, precision=precision)
-        runner = open_model(b.path(entry), threads, backend)
+        runner = b.open_model(entry, threads, backend)
         return SplitPredictor(runner, b.head(entry), b.labels, b.preprocessing, f"bundle {p} ({entry['file']} + head)")
     if p.is_dir():
         raise ModelError(f"{str(p)!r} is a folder but neither a run folder (run.json) nor a bundle (manifest.json)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -187,6 +188,108 @@ def test_manifest_problems_are_refused(tiny_bundle, tmp_path):
     os.unlink(copy / "head.npz")
     with pytest.raises(BundleError, match=r"head.npz is listed in the manifest but missing"):
         open_bundle(copy)
+
+
+def _forge(folder, manifest: dict) -> None:
+    """What an attacker who edits a bundle can do: fix every file's size and sha256 and the
+    manifest's own digest (they are not secret), then write the manifest."""
+    from edgetl.bundle import manifest_digest
+    from edgetl.fileio import sha256_file
+
+    for e in manifest["files"]:
+        if (folder / e["file"]).is_file():
+            e["bytes"], e["sha256"] = (folder / e["file"]).stat().st_size, sha256_file(folder / e["file"])
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_edited_manifest_is_refused_and_names_what_differs(tiny_bundle, tmp_path):
+    out, _ = tiny_bundle
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    # Reordered labels: every prediction would be silently wrong.
+    (copy / "manifest.json").write_text(json.dumps({**m, "labels": m["labels"][::-1]}))
+    with pytest.raises(BundleError, match=r"manifest.json was changed after export: its content hashes to "):
+        open_bundle(copy)
+    _forge(copy, {**m, "labels": m["labels"][::-1]})  # the digest recomputed too
+    with pytest.raises(BundleError, match=r"the manifest's labels \['sunflowers', 'roses', 'daisy'\] differ from "
+                                          r"labels.txt \['daisy', 'roses', 'sunflowers'\]"):
+        open_bundle(copy)
+    del m["manifest_sha256"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"carries no manifest_sha256"):
+        open_bundle(copy)
+
+
+@pytest.mark.parametrize("key,name", [("replay", "../outside.npz"), ("replay", "/tmp/outside.npz"),
+                                      ("head", "labels.txt"), ("head", "nothing.npz")])
+def test_file_names_in_the_manifest_must_be_its_verified_files(tiny_bundle, tmp_path, key, name):
+    out, _ = tiny_bundle
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    entry = next(e for e in m["files"] if e["file"] == "backbone_int8.tflite")
+    entry[key] = name
+    _forge(copy, m)
+    with pytest.raises(BundleError, match=rf"backbone_int8.tflite: {key} '{re.escape(name)}' is not one of the "
+                                          rf"bundle's verified {key} files \("):
+        open_bundle(copy)
+
+
+def test_a_swapped_model_is_refused_when_opened_not_deep_in_a_computation(tiny_bundle, tmp_path):
+    out, _ = tiny_bundle
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    shutil.copy(copy / "classifier_fp32.tflite", copy / "backbone_fp32.tflite")  # 3 outputs, not 1280
+    _forge(copy, json.loads((copy / "manifest.json").read_text()))
+    b = open_bundle(copy)
+    entry = next(e for e in b.files if e["file"] == "backbone_fp32.tflite")
+    with pytest.raises(BundleError, match=r"backbone_fp32.tflite outputs 3 values per image; the manifest's "
+                                          r"feature_dim is 1280: the file does not belong to this bundle"):
+        b.open_model(entry)
+
+
+def test_a_replay_file_with_a_pickle_is_a_clear_error(tiny_bundle, tmp_path):
+    out, _ = tiny_bundle
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    np.savez(copy / "replay_backbone_int8_tflite.npz", features=np.array([{"x": 1}], dtype=object),
+             labels=np.zeros(1, np.int64))
+    _forge(copy, json.loads((copy / "manifest.json").read_text()))
+    b = open_bundle(copy)
+    with pytest.raises(BundleError, match=r"replay file replay_backbone_int8_tflite.npz is not a features/labels npz"):
+        b.replay(next(e for e in b.files if e["file"] == "backbone_int8.tflite"))
+
+
+def test_zip_bombs_are_refused_before_extraction_and_zips_are_cleaned_up(tiny_bundle, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out, report = tiny_bundle
+    b = open_bundle(report["zip"])  # a good zip: extracted to a private folder, removed on close
+    extracted = b.root
+    assert extracted.is_dir() and str(extracted).startswith(str(tmp_path / "tmp"))
+    b.close()
+    assert not extracted.exists() and not list((tmp_path / "tmp").iterdir())
+    with open_bundle(report["zip"]) as b:  # and as a context manager
+        assert b.labels == ["daisy", "roses", "sunflowers"]
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(out / "manifest.json", "manifest.json")
+        zf.writestr("backbone_int8.tflite", b"\0" * (64 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(BundleError, match=r"zip member 'backbone_int8.tflite' unpacks \d+ bytes to 67108864 "
+                                          r"\(more than 100x\): refused as a zip bomb"):
+        open_bundle(bomb)
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as zf:
+        for i in range(300):
+            zf.writestr(f"f{i}", b"x")
+    with pytest.raises(BundleError, match=r"the zip has 300 members; a bundle has at most 256"):
+        open_bundle(many)
+    assert not list((tmp_path / "tmp").iterdir())  # nothing left behind by the refusals either
 
 
 def test_zip_bundle_opens_and_verifies(tiny_bundle):

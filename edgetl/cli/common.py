@@ -111,10 +111,7 @@ def handle_errors(fn):
         except OSError as exc:  # a full disk, a read-only folder, a permission: say which file and why
             replay = False
             where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(
-                f"{where}{exc.strerror or exc} (nothing was left half-written: edgetl writes a temporary "
-                "file and renames it only when complete)"
-            ) from None
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
         finally:
             if NativeStderr.active is not None:
                 NativeStderr.active.stop(replay=replay)
