@@ -156,6 +156,68 @@ def test_remove_stops_predicting_a_label_and_rollback_brings_it_back(learner):
         learner.remove("wasps")
 
 
+def test_remove_is_one_transaction_so_a_kill_cannot_split_it(learner, monkeypatch):
+    learner.add(ANTS[:4], "ants")
+    learner.train(HeadTrainConfig(epochs=2))
+    before = (learner.store.counts(), learner.store.active_version())
+
+    # A kill (here: an exception) between deleting the samples and saving the head that no longer
+    # predicts the label must leave both as they were.
+    def die(*a, **k):
+        assert learner.store.db.in_transaction
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SampleStore, "_insert_head", die)  # after the DELETE, inside the transaction
+    with pytest.raises(KeyboardInterrupt):
+        learner.remove("ants")
+    assert (learner.store.counts(), learner.store.active_version()) == before
+
+
+def test_a_train_that_started_before_a_remove_cannot_bring_the_label_back(learner, monkeypatch):
+    learner.add(ANTS[:4], "ants")
+    learner.add(BEES[:4], "bees")
+    learner.train(HeadTrainConfig(epochs=2))
+    other = Learner.open(learner.bundle.source, store=learner.store.path, threads=1)
+    real_train_head = __import__("edgetl.device.learner", fromlist=["train_head"]).train_head
+
+    def slow_train(*a, **k):  # while this training runs, another process removes 'ants'
+        other.remove("ants")
+        return real_train_head(*a, **k)
+
+    monkeypatch.setattr("edgetl.device.learner.train_head", slow_train)
+    with pytest.raises(StoreError, match=r"the sample store changed while this head was trained .* generation "
+                                         r"\d+ -> \d+\); the new head was not saved"):
+        learner.train(HeadTrainConfig(epochs=2))
+    assert "ants" not in learner.labels() and "ants" not in learner.store.counts()
+    other.close()
+
+
+def test_a_class_without_samples_is_dropped_with_a_message_not_kept_dead(learner):
+    learner.add(ANTS[:4], "ants")
+    learner.train(HeadTrainConfig(epochs=2))
+    learner.remove("ants")
+    learner.rollback(2)  # a head that knew ants, but no ants samples are left
+    r = learner.train(HeadTrainConfig(epochs=2))
+    assert r["dropped_classes"] == ["ants"] and "ants" not in r["labels"] and "ants" not in learner.labels()
+
+
+def test_readers_do_not_wait_behind_a_writer(learner, device_bundle):
+    learner.add(ANTS[:2], "ants")
+    blocker = sqlite3.connect(str(learner.store.path), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # a long writer holds the write lock
+    try:
+        # A writer-style open would wait for the lock (30 s) and then fail; a reader just reads.
+        reader = Learner.open(device_bundle, store=learner.store.path, threads=1, readonly=True)
+        r = reader.predict(VAL_ANTS[:1])
+        assert reader.history() and r["predictions"][0]["label"]
+        with pytest.raises(StoreError, match=r"opened read-only"):
+            reader.store.set_meta("x", "y")
+        reader.close()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
 def test_store_refuses_features_of_another_backbone(device_bundle, tmp_path):
     store = tmp_path / "s.sqlite"
     Learner.open(device_bundle, store=store, precision="int8").close()

@@ -89,7 +89,8 @@ for _opt in _device_options(at_group=True):  # on a built Group, each option is 
     device = _opt(device)
 
 
-def _learner(ctx):
+def _learner(ctx, readonly: bool = False):
+    """The learner for this command; ``readonly`` for commands that only read the store."""
     from ..device import Learner
 
     o = ctx.obj
@@ -97,7 +98,7 @@ def _learner(ctx):
         raise click.UsageError("Missing option '--bundle' (or the EDGETL_BUNDLE environment variable): "
                                "the bundle folder or .zip written by 'edgetl export'", ctx=ctx)
     return Learner.open(o["bundle"], store=o["store"], backend=o["backend"], precision=o["precision"],
-                        threads=o["threads"], trainer=o["trainer"], check=o.get("check", True))
+                        threads=o["threads"], trainer=o["trainer"], check=o.get("check", True), readonly=readonly)
 
 
 @device_command()
@@ -106,11 +107,12 @@ def _learner(ctx):
 @handle_errors
 def info(ctx, as_json):
     """The bundle, backbone, store, active head and stored samples."""
-    d = _learner(ctx).info()
+    d = _learner(ctx, readonly=True).info()
     if as_json:
         emit_json(d)
         return
-    for k in ("bundle", "backbone_file", "backend", "store", "head_version", "feature_dim", "replay_features"):
+    for k in ("bundle", "bundle_sha256", "backbone_file", "backend", "store", "head_version", "feature_dim",
+              "replay_features"):
         click.echo(f"{k + ':':<17}{d[k]}")
     click.echo(f"{'labels:':<17}{', '.join(d['labels'])}")
     click.echo(f"{'samples:':<17}" + (", ".join(f"{k} {v}" for k, v in d["samples"].items()) or "none"))
@@ -213,6 +215,8 @@ def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, see
                f"loss {r['final_loss']:.4f}, {r['seconds']:.3f} s")
     if r["new_classes"]:
         click.echo(f"new classes: {', '.join(r['new_classes'])}")
+    if r["dropped_classes"]:
+        click.echo(f"dropped (no samples left to learn them from): {', '.join(r['dropped_classes'])}", err=True)
 
 
 @device_command()
@@ -226,7 +230,7 @@ def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, see
 @handle_errors
 def predict(ctx, images, top_k, mode, as_json):
     """Classify IMAGES (files, folders or glob patterns) with the active head (or nearest class mean)."""
-    r = _learner(ctx).predict([str(i) for i in expand_images(list(images))], top_k=top_k, mode=mode)
+    r = _learner(ctx, readonly=True).predict([str(i) for i in expand_images(list(images))], top_k=top_k, mode=mode)
     if as_json:
         emit_json(r)
     else:
@@ -244,7 +248,7 @@ def predict(ctx, images, top_k, mode, as_json):
 @handle_errors
 def eval_cmd(ctx, data_dir, mode, as_json):
     """Accuracy on DATA_DIR (one sub-folder per class), for the bundle's classes and the new ones apart."""
-    r = _learner(ctx).evaluate(data_dir, mode=mode)
+    r = _learner(ctx, readonly=True).evaluate(data_dir, mode=mode)
     if as_json:
         emit_json(r)
         return
@@ -272,7 +276,7 @@ def export_cmd(ctx, out, force, as_json):
     The new bundle holds the backbone file this store uses; 'edgetl eval/predict' and
     another device open it like any exported bundle.
     """
-    r = _learner(ctx).export(out, force=force)
+    r = _learner(ctx, readonly=True).export(out, force=force)
     if as_json:
         emit_json(r)
         return
@@ -288,7 +292,7 @@ def export_cmd(ctx, out, force, as_json):
 @handle_errors
 def history(ctx, as_json):
     """Head versions, newest last; the active one is marked."""
-    h = _learner(ctx).history()
+    h = _learner(ctx, readonly=True).history()
     if as_json:
         emit_json({"versions": h})
         return

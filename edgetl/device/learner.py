@@ -28,7 +28,6 @@ from ..errors import BundleError, ConfigError, DataError, EdgetlError, StoreErro
 from ..formats import FORMATS, PREFERENCE
 from ..head_arrays import head_predict
 from ..metrics import top_k as top_k_labels
-from ..runtime import open_model
 from ..selftest import References, cpu_fingerprint, describe_cpu, verdict
 from ..selftest import measure as measure_self_test
 from .headtrain import HeadTrainConfig, add_classes, drop_classes, ncm_predict, train_head
@@ -90,7 +89,7 @@ def _first_passing_backbone(bundle: Bundle, entry: dict, runner, threads: int | 
                     key=lambda e: rank.get((e["format"], e.get("precision")), len(rank)))
     for other in others:
         try:
-            r = open_model(bundle.path(other), threads=threads)
+            r = bundle.open_model(other, threads=threads)
         except EdgetlError:  # its runtime is not installed here
             continue
         result = check_entry(bundle, other, r)
@@ -112,25 +111,32 @@ class Learner:
             raise ConfigError(f"trainer must be 'numpy' or 'tflite'; received {trainer!r}")
         self.trainer = trainer
         self._decoder: ThreadPoolExecutor | None = None  # started by the first multi-photo call
-        if store.active_version() is None:
+        if store.active_version() is None and not store.readonly:
             store.save_head(list(bundle.labels), bundle.head(backbone_entry),
                             {"origin": "bundle", "note": "the workstation head from the bundle"})
 
     @classmethod
     def open(cls, bundle: str | Path, store: str | Path | None = None, backend: str | None = None,
              precision: str | None = None, threads: int | None = None, trainer: str = "numpy",
-             check: bool = True) -> Learner:
+             check: bool = True, readonly: bool = False) -> Learner:
+        """Open the bundle and its sample store. ``readonly``: for commands that only read
+        (predict, history, info, eval, export); they never wait behind a writer. A store that
+        does not exist yet (or has no head) is created by a normal open first."""
         b = open_bundle(bundle)
         store_path = Path(store) if store else default_store_path(b)
         made_with = SampleStore.backbone_of(store_path)
         entry = pick_backbone(b, store_path, backend, precision, made_with)
-        runner = open_model(b.path(entry), threads=threads, backend=backend)
+        runner = b.open_model(entry, threads=threads, backend=backend)
         checked = None
         if check and made_with is None and backend is None and precision is None and b.manifest.get("self_test"):
             # A new store may still choose its backbone file: the first, in the bundle's order of
             # preference, that computes on this CPU what the export verified.
             entry, runner, checked = _first_passing_backbone(b, entry, runner, threads)
-        s = SampleStore(store_path, b.feature_dim, identity=entry["sha256"])
+        readonly = readonly and made_with is not None and checked is None
+        s = SampleStore(store_path, b.feature_dim, identity=entry["sha256"], readonly=readonly)
+        if readonly and s.active_version() is None:  # an empty store: initialise it once
+            s.close()
+            s = SampleStore(store_path, b.feature_dim, identity=entry["sha256"])
         try:
             learner = cls(b, s, entry, runner, trainer)
             if checked is not None:
@@ -256,15 +262,28 @@ class Learner:
         else:
             cfg = config or HeadTrainConfig()
         t0 = time.perf_counter()
-        current = self.store.head()
-        labels = list(current.labels)
-        new = [name for name in self.store.counts() if name not in labels]
-        labels_all = labels + new
-        x, y, counts = self._training_set(labels_all)
+        with self.store.snapshot():  # the head, the samples and the generation of one committed state
+            generation = self.store.generation()
+            current = self.store.head()
+            labels = list(current.labels)
+            new = [name for name in self.store.counts() if name not in labels]
+            labels_all = labels + new
+            x, y, counts = self._training_set(labels_all)
         if len(x) == 0:
             raise DataError("nothing to train on: no stored samples and no replay features; 'add' some photos first")
-        missing = [labels_all[c] for c in range(len(labels_all)) if not (y == c).any()]
         layers = add_classes(current.layers, x, y, [labels_all.index(n) for n in new])
+        # A class with no samples left (removed, then a rollback to a head that knew it) cannot
+        # be learned: it is dropped from the new head, and the result says so.
+        missing = [labels_all[c] for c in range(len(labels_all)) if not (y == c).any()]
+        if missing:
+            keep = [c for c in range(len(labels_all)) if labels_all[c] not in missing]
+            if not keep:
+                raise DataError(f"no class has samples to train on ({', '.join(missing)}); 'add' some photos first")
+            remap = np.full(len(labels_all), -1, np.int64)
+            remap[keep] = np.arange(len(keep))
+            layers, y = drop_classes(layers, keep), remap[y]
+            labels_all = [labels_all[c] for c in keep]
+            new = [n for n in new if n not in missing]
         if self.trainer == "tflite":
             layers, losses = train_with_tflite(self.bundle, layers, x, y, cfg)
         else:
@@ -272,10 +291,10 @@ class Learner:
         probs = head_predict(x, layers)
         train_acc = float((probs.argmax(1) == y).mean())
         info = {"origin": "train", "trainer": self.trainer, "config": asdict(cfg), "new_classes": new,
-                "classes_without_samples": missing, "num_samples": int(len(x)), **counts,
+                "dropped_classes": missing, "num_samples": int(len(x)), **counts,
                 "train_accuracy": train_acc, "final_loss": losses[-1], "parent": current.version,
                 "seconds": round(time.perf_counter() - t0, 4)}
-        version = self.store.save_head(labels_all, layers, info)
+        version = self.store.save_head(labels_all, layers, info, expect_generation=generation)
         return {"version": version, "labels": labels_all, **info, "losses": losses}
 
     def predict(self, images: list[str | Path], top_k: int = 3, mode: str = "head") -> dict:
@@ -318,15 +337,16 @@ class Learner:
         counts = self.store.counts()
         if label not in head.labels and label not in counts:
             raise DataError(f"unknown label {label!r}; known: {sorted(set(head.labels) | set(counts))}")
-        deleted = self.store.remove_label(label)
-        version = head.version
+        new_head = None
         if label in head.labels:
             keep = [i for i, n in enumerate(head.labels) if n != label]
             if not keep:
                 raise DataError(f"cannot remove {label!r}: it is the only class")
-            version = self.store.save_head([head.labels[i] for i in keep], drop_classes(head.layers, keep),
-                                           {"origin": "remove", "removed": label, "parent": head.version})
-        return {"label": label, "samples_deleted": deleted, "version": version}
+            new_head = ([head.labels[i] for i in keep], drop_classes(head.layers, keep),
+                        {"origin": "remove", "removed": label, "parent": head.version})
+        # The samples and the head go in one transaction: a kill leaves both or neither.
+        deleted, version = self.store.remove_label(label, new_head)
+        return {"label": label, "samples_deleted": deleted, "version": version or head.version}
 
     def history(self) -> list[dict]:
         return self.store.history()
@@ -403,13 +423,15 @@ class Learner:
         return result
 
     def _remember_check(self, result: dict) -> dict:
+        if self.store.readonly:  # a reader does not write; the next writer's open caches it
+            return result
         self.store.set_meta(self._check_key(), json.dumps(result))
         self.store.set_meta("self_test:last", json.dumps(result))
         return result
 
     def check_file(self, entry: dict) -> dict:
         """Run one backbone or classifier file of the bundle on the references, on this CPU."""
-        runner = self.runner if entry is self.backbone_entry else open_model(self.bundle.path(entry), threads=1)
+        runner = self.runner if entry is self.backbone_entry else self.bundle.open_model(entry, threads=1)
         return check_entry(self.bundle, entry, runner)
 
     def check(self) -> dict:
@@ -436,6 +458,7 @@ class Learner:
         replay = self.bundle.replay(self.backbone_entry)
         return {
             "bundle": str(self.bundle.source),
+            "bundle_sha256": self.bundle.digest,  # of manifest.json: compare it with the publisher's
             "backbone_file": self.backbone_entry["file"],
             "backbone": self.bundle.backbone_identity,
             "backend": self.runner.backend,

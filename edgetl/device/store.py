@@ -7,6 +7,12 @@
   the switch of the active version: a crash leaves either the old or the new head active.
 * Writers take the lock with ``BEGIN IMMEDIATE`` and wait up to ``busy_timeout`` for each
   other; a writer that still cannot get the lock gets a :class:`StoreError`, never silent loss.
+* Every change of the samples or of the active head bumps ``generation`` in the same
+  transaction. A head trained from a snapshot is saved only if the generation is still the
+  snapshot's (:meth:`SampleStore.save_head` with ``expect_generation``): a training that
+  started before an acknowledged add/remove/rollback can never undo it.
+* ``readonly=True`` opens for reading only: no schema or identity writes, so readers (predict,
+  history, info) never wait behind a writer (WAL readers see the last committed state).
 """
 
 from __future__ import annotations
@@ -58,10 +64,15 @@ class HeadVersion:
 
 
 class SampleStore:
-    def __init__(self, path: str | Path, feature_dim: int, identity: str, busy_timeout_s: float = 30.0):
+    def __init__(self, path: str | Path, feature_dim: int, identity: str, busy_timeout_s: float = 30.0,
+                 readonly: bool = False):
         """Open (or create) the store; ``identity`` names the backbone file its features came from."""
         self.path = Path(path)
         self.feature_dim = int(feature_dim)
+        self.readonly = readonly
+        if readonly:
+            self._open_readonly(identity, busy_timeout_s)
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None)
@@ -75,6 +86,18 @@ class SampleStore:
         if mode.lower() != "wal":
             raise StoreError(f"sample store {self.path}: the file system refused WAL mode (got {mode!r})")
         self._check_identity(identity)
+
+    def _open_readonly(self, identity: str, busy_timeout_s: float) -> None:
+        if not self.path.is_file():
+            raise StoreError(f"no sample store at {self.path} yet")
+        try:
+            self.db = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None)
+            self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            self.db.execute("PRAGMA query_only = ON")
+            meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open sample store {self.path}: {exc}") from None
+        self._check_meta(meta, identity)
 
     @staticmethod
     def backbone_of(path: str | Path) -> str | None:
@@ -98,9 +121,35 @@ class SampleStore:
     def set_meta(self, key: str, value: str) -> None:
         self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value)))
 
+    def generation(self) -> int:
+        """Bumped by every change of the samples or the active head."""
+        return int(self._meta("generation") or 0)
+
+    @staticmethod
+    def _bump(c) -> None:
+        c.execute("INSERT INTO meta(key, value) VALUES ('generation', '1') "
+                  "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
+
+    def snapshot(self):
+        """A read transaction: every read inside sees one committed state (WAL snapshot)."""
+        store = self
+
+        class _Snapshot:
+            def __enter__(self):
+                store.db.execute("BEGIN")
+                return store
+
+            def __exit__(self, *exc):
+                if store.db.in_transaction:
+                    store.db.execute("COMMIT")
+
+        return _Snapshot()
+
     # -- plumbing ---------------------------------------------------------------------------
     def _write(self, fn, script: bool = False):
         """Run ``fn(connection)`` in one IMMEDIATE transaction (or as a script)."""
+        if self.readonly:
+            raise StoreError(f"sample store {self.path} was opened read-only")
         try:
             if script:
                 return fn(self.db)
@@ -135,7 +184,9 @@ class SampleStore:
                 ])
             return dict(c.execute("SELECT key, value FROM meta").fetchall())
 
-        meta = self._write(init)
+        self._check_meta(self._write(init), identity)
+
+    def _check_meta(self, meta: dict, identity: str) -> None:
         if meta.get("schema_version") != str(SCHEMA_VERSION):
             raise StoreError(f"sample store {self.path} has schema {meta.get('schema_version')}; expected {SCHEMA_VERSION}")
         if meta.get("backbone") != identity or meta.get("feature_dim") != str(self.feature_dim):
@@ -180,6 +231,8 @@ class SampleStore:
                 cur = c.execute("INSERT INTO samples(label, feature, dtype, source, sha256, created) "
                                 "VALUES (?, ?, ?, ?, ?, ?)", r)
                 ids.append(int(cur.lastrowid))
+            if any(i is not None for i in ids):
+                self._bump(c)
             return ids
 
         return self._write(insert) if rows else []
@@ -203,20 +256,46 @@ class SampleStore:
     def counts(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT label, COUNT(*) FROM samples GROUP BY label ORDER BY MIN(id)").fetchall())
 
-    def remove_label(self, label: str) -> int:
-        return self._write(lambda c: c.execute("DELETE FROM samples WHERE label = ?", (label,)).rowcount)
+    def remove_label(self, label: str, new_head: tuple[list[str], Layers, dict] | None = None) -> tuple[int, int | None]:
+        """Delete the label's samples and (optionally) activate ``new_head`` = (labels, layers,
+        info) in ONE transaction; returns (samples deleted, the new head's version or None)."""
+        blob = head_bytes(new_head[1]) if new_head else None
+
+        def remove(c):
+            deleted = c.execute("DELETE FROM samples WHERE label = ?", (label,)).rowcount
+            version = self._insert_head(c, new_head[0], blob, new_head[2]) if new_head else None
+            self._bump(c)
+            return deleted, version
+
+        return self._write(remove)
 
     # -- heads ------------------------------------------------------------------------------
-    def save_head(self, labels: list[str], layers: Layers, info: dict) -> int:
-        """Store a new head version and make it active, atomically."""
+    def _insert_head(self, c, labels: list[str], blob: bytes, info: dict) -> int:
+        cur = c.execute("INSERT INTO heads(created, labels, weights, info) VALUES (?, ?, ?, ?)",
+                        (time.time(), json.dumps(labels), blob, json.dumps(info)))
+        version = int(cur.lastrowid)
+        c.execute("INSERT INTO meta(key, value) VALUES ('active_head', ?) "
+                  "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(version),))
+        return version
+
+    def save_head(self, labels: list[str], layers: Layers, info: dict, expect_generation: int | None = None) -> int:
+        """Store a new head version and make it active, atomically.
+
+        With ``expect_generation`` (the generation the head was trained from), the head is saved
+        only if nothing changed since; otherwise :class:`StoreError` and nothing is written.
+        """
         blob = head_bytes(layers)
 
         def put(c):
-            cur = c.execute("INSERT INTO heads(created, labels, weights, info) VALUES (?, ?, ?, ?)",
-                            (time.time(), json.dumps(labels), blob, json.dumps(info)))
-            version = int(cur.lastrowid)
-            c.execute("INSERT INTO meta(key, value) VALUES ('active_head', ?) "
-                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(version),))
+            if expect_generation is not None:
+                now = int((c.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone() or [0])[0])
+                if now != expect_generation:
+                    raise StoreError(
+                        f"the sample store changed while this head was trained (photos were added or removed, or "
+                        f"another head became active: generation {expect_generation} -> {now}); the new head was "
+                        "not saved, so nothing acknowledged is undone; run 'train' again")
+            version = self._insert_head(c, labels, blob, info)
+            self._bump(c)
             return version
 
         return self._write(put)
@@ -244,7 +323,12 @@ class SampleStore:
 
     def set_active(self, version: int) -> None:
         self.head(version)  # raises when missing
-        self._write(lambda c: c.execute("UPDATE meta SET value = ? WHERE key = 'active_head'", (str(version),)))
+
+        def activate(c):
+            c.execute("UPDATE meta SET value = ? WHERE key = 'active_head'", (str(version),))
+            self._bump(c)
+
+        self._write(activate)
 
     def history(self) -> list[dict]:
         active = self.active_version()
