@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import BundleError, DataError
 from .fileio import atomic_write_json, commit_dir, make_staging_dir, sha256_file
 from .formats import PREFERENCE
 from .head_arrays import Layers, load_head
+from .labels import check_label
 from .preprocess import Preprocessing
 
 BUNDLE_FORMAT = "edgetl-bundle"
@@ -174,8 +175,13 @@ def read_manifest(root: Path, source: Path) -> dict:
     for key in ("labels", "preprocessing", "feature_dim", "backbone", "files"):
         if key not in m:
             _fail(source, f"{MANIFEST} misses the field {key!r}")
-    if not m["labels"] or not all(isinstance(x, str) for x in m["labels"]):
+    if not isinstance(m["labels"], list) or not m["labels"]:
         _fail(source, f"labels must be a non-empty list of strings; received {m['labels']!r}")
+    for label in m["labels"]:
+        try:
+            check_label(label, f"{MANIFEST} labels")
+        except DataError as exc:
+            _fail(source, str(exc))
     return m
 
 

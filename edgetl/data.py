@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .labels import check_label, printable
 from .preprocess import IMAGE_EXTENSIONS, load_batch
 
 
@@ -76,6 +77,8 @@ def scan_folder(root: str | Path, classes: list[str] | None = None, *, min_class
                 ignored.append(p.relative_to(root).as_posix())
         found[d.name] = files
 
+    for name in found:
+        check_label(name, f"class folder '{printable(str(root / name))}'")
     empty = [name for name, files in found.items() if not files]
     if classes is None:
         if empty:
@@ -108,7 +111,7 @@ def scan_folder(root: str | Path, classes: list[str] | None = None, *, min_class
 
 
 def _split_key(relpath: str, seed: str) -> str:
-    return hashlib.sha256(f"{seed}\0{relpath}".encode()).hexdigest()
+    return hashlib.sha256(f"{seed}\0{relpath}".encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def split_folder(folder: ImageFolder, val_fraction: float, seed: str = "edgetl") -> tuple[ImageFolder, ImageFolder]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -113,6 +114,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+# Pixel budget: an image larger than this (after JPEG's reduced decoding) is refused before it
+# is decoded. A 236 KB PNG can hold 9000x9000 pixels: 243 MB as RGB, 675 MB of peak memory on
+# a device. 40 MP covers every phone camera; EDGETL_MAX_PIXELS changes it.
+MAX_PIXELS = int(os.environ.get("EDGETL_MAX_PIXELS", 40_000_000))
+
+
 def decode_image(data: bytes, name: str = "<bytes>", size: int | None = None) -> Image.Image:
     """Decode image bytes into an upright 8-bit RGB Pillow image.
 
@@ -124,15 +131,24 @@ def decode_image(data: bytes, name: str = "<bytes>", size: int | None = None) ->
     1/4 or 1/8 scale that still covers ``size`` x ``size`` (libjpeg's DCT scaling): a 12 MP
     phone photo then decodes in a few milliseconds instead of a hundred, and the following
     resize averages over fewer pixels. Workstation and device both decode this way.
+
+    An image over :data:`MAX_PIXELS` is refused before decoding. Pillow's warnings (garbage
+    EXIF, ...) are not printed: a photo either decodes or raises a DataError.
     """
     if not data:
         raise DataError(f"{name}: the file is empty (0 bytes); expected an image")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if size is not None and img.format == "JPEG":
                 img.draft(None, (size, size))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise DataError(f"{name}: {w}x{h} pixels ({w * h / 1e6:.1f} MP) is over the {MAX_PIXELS / 1e6:g} MP "
+                                f"limit (it would take about {w * h * 3 / 1e6:.0f} MB to decode); scale it down, "
+                                "or raise EDGETL_MAX_PIXELS")
             img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img)
@@ -145,8 +161,12 @@ def decode_image(data: bytes, name: str = "<bytes>", size: int | None = None) ->
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{name}: image too large to decode safely ({exc})") from None
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"{name}: cannot decode image ({exc})") from None
+    except Exception as exc:  # a malformed file can trip any part of a decoder (EXIF, palettes, ...)
+        raise DataError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
 def read_file_bytes(path: str | Path) -> tuple[bytes, str]:

@@ -104,3 +104,22 @@ def test_labels_file(tmp_path):
     p.write_text("\n")
     with pytest.raises(DataError, match="is empty; expected one label per line"):
         read_labels(p)
+
+
+def test_odd_names_are_refused_or_handled_never_a_traceback(tmp_path):
+    import os
+
+    src = sorted((HYMENOPTERA / "train" / "ants").glob("*.jpg"))[:3]
+    for cls in ("ants", "bees"):
+        (tmp_path / cls).mkdir()
+        for i, f in enumerate(src):
+            shutil.copy(f, tmp_path / cls / f"{i}.jpg")
+    shutil.copy(src[0], tmp_path / "ants" / os.fsdecode(b"caf\xe9.jpg"))  # Latin-1, not UTF-8
+    folder = scan_folder(tmp_path)
+    train, val = split_folder(folder, 0.3)
+    assert len(train.samples) + len(val.samples) == 7
+    (tmp_path / "line\nbreak").mkdir()
+    shutil.copy(src[0], tmp_path / "line\nbreak" / "x.jpg")
+    with pytest.raises(DataError, match=r"class folder '.*line\\nbreak': the label 'line\\nbreak' holds control "
+                                        r"characters \('\\n'\)"):
+        scan_folder(tmp_path)

@@ -480,3 +480,50 @@ def test_prepared_inputs_are_bit_identical_to_normalize_then_quantize(device_bun
     levels = np.stack([v, 255 - v, (v.astype(np.int64) * 7 % 256).astype(np.uint8)], axis=-1)  # channels differ
     runner = open_model(b.path(b.pick("backbone", precision="int8")), threads=1)
     assert np.array_equal(runner.prepare(levels, caffe), quantize(preprocess.normalize(levels, caffe), runner.input))
+
+
+def _device(bundle, store, *args, env=None):
+    """The real edgetl-device CLI in a subprocess, arguments as bytes (file names need not be UTF-8)."""
+    cmd = [sys.executable, "-c", "from edgetl.cli.device_cmds import main; main()", "--bundle", str(bundle),
+           "--store", str(store), "--threads", "1", *args]
+    return subprocess.run([os.fsencode(str(c)) if isinstance(c, Path) else os.fsencode(c) for c in cmd],
+                          capture_output=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_hostile_photos_and_labels_get_one_line_errors_and_lose_nothing(device_bundle, tmp_path):
+    from PIL import Image
+
+    store = tmp_path / "hostile.sqlite"
+    good = tmp_path / os.fsdecode(b"ant \xff\xfe.jpg")  # a file name that is not UTF-8
+    shutil.copy(ANTS[0], good)
+    huge = tmp_path / "huge.png"  # 9000 x 9000 pixels in a few hundred KB
+    Image.new("RGB", (9000, 9000), (20, 120, 40)).save(huge, optimize=True)
+    assert huge.stat().st_size < 2 << 20
+    exif = tmp_path / "garbage_exif.jpg"  # an EXIF block whose orientation tag points past the file
+    import struct
+
+    junk = b"Exif\0\0II*\0\x08\0\0\0\x05\0" + b"\x12\x01\x03\0\xff\xff\xff\x7f\x10\0\0\0" * 5 + b"\0" * 4
+    data = ANTS[1].read_bytes()
+    exif.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(junk) + 2) + junk + data[2:])
+    looped = tmp_path / "loop.jpg"
+    looped.symlink_to(looped)
+
+    r = _device(device_bundle, store, "add", "--label", "ants", good, huge, exif, looped, ANTS[2], "--json")
+    assert r.returncode == 1 and b"Traceback" not in r.stderr and b"Warning" not in r.stderr
+    out = json.loads(r.stdout)
+    assert out["stored"] == 3  # the non-UTF-8 name, the garbage EXIF photo, the plain one
+    assert any(f.endswith("ant \\xff\\xfe.jpg") for f in out["files"])
+    errors = {Path(e["file"]).name: e["error"] for e in out["errors"]}
+    assert "9000x9000 pixels (81.0 MP) is over the 40 MP limit" in errors["huge.png"]
+    assert "loop.jpg: cannot read file" in errors["loop.jpg"]
+    r = _device(device_bundle, store, "predict", good)  # text output of a non-UTF-8 name
+    assert r.returncode == 0 and b"ant \\xff\\xfe.jpg" in r.stdout, r.stderr
+
+    for label, shown in (("a\nb", b"'a\\nb' holds control characters"), ("\x1b[31mred", b"'\\x1b[31mred' holds")):
+        r = _device(device_bundle, store, "add", "--label", label, ANTS[3])
+        assert r.returncode == 1 and shown in r.stderr and b"Traceback" not in r.stderr, r.stderr
+        assert b"\x1b" not in r.stderr  # the escape is shown, never sent to the terminal
+    r = _device(device_bundle, store, "rollback", "99999999999999999999999")
+    assert r.returncode == 1 and b"head version 99999999999999999999999 does not exist" in r.stderr, r.stderr
+    r = _device(device_bundle, store, "info", "--json")
+    assert json.loads(r.stdout)["samples"] == {"ants": 3}  # nothing lost, nothing half-stored

@@ -27,6 +27,7 @@ from ..bundle import Bundle, open_bundle
 from ..errors import BundleError, ConfigError, DataError, EdgetlError, StoreError
 from ..formats import FORMATS, PREFERENCE
 from ..head_arrays import head_predict
+from ..labels import check_label, printable, storable
 from ..metrics import top_k as top_k_labels
 from ..selftest import References, cpu_fingerprint, describe_cpu, verdict
 from ..selftest import measure as measure_self_test
@@ -173,13 +174,13 @@ class Learner:
             try:
                 px, digest = preprocess.load_pixels(path, self.spec.size)
             except DataError as exc:
-                return None, None, str(exc)
+                return None, None, printable(str(exc))
             return self.runner.prepare(px[None], self.spec), digest, None
 
         def consume(path, loaded):
             x, digest, error = loaded
             if error is not None:
-                errors.append({"file": str(path), "error": error})
+                errors.append({"file": printable(str(path)), "error": error})
                 return
             # Batch 1, as on the device: a TFLite interpreter keeps its tensors allocated.
             feats.append(self.runner.run_prepared(x))
@@ -216,19 +217,18 @@ class Learner:
 
         Unreadable images are reported by name; the others are stored in one transaction.
         """
-        if not label.strip():
-            raise ConfigError(f"label must be a non-empty name such as 'my_mug'; received {label!r}")
-        label = label.strip()
+        label = check_label(label, "--label").strip()
         known = list(dict.fromkeys(self.labels() + list(self.store.counts())))
         similar = [k for k in known if k != label and k.casefold() == label.casefold()]
         if similar and not new_class:
             raise ConfigError(f"label {label!r} differs from the existing class {similar[0]!r} only in case; "
                               f"use {similar[0]!r}, or pass --new-class to make {label!r} a class of its own")
         feats, digests, kept, errors = self.features(list(images))
-        ids = self.store.add(feats, label, kept, digests, dtype, skip_duplicates=skip_duplicates)
-        stored = [(i, f) for i, f in zip(ids, kept) if i is not None]
+        names = [storable(k) for k in kept]  # a file name that is not UTF-8 is stored with \xNN escapes
+        ids = self.store.add(feats, label, names, digests, dtype, skip_duplicates=skip_duplicates)
+        stored = [(i, f) for i, f in zip(ids, names) if i is not None]
         return {"label": label, "stored": len(stored), "ids": [i for i, _ in stored], "files": [f for _, f in stored],
-                "duplicates": [f for i, f in zip(ids, kept) if i is None], "errors": errors}
+                "duplicates": [f for i, f in zip(ids, names) if i is None], "errors": errors}
 
     def labels(self) -> list[str]:
         return list(self.store.head().labels)
@@ -316,9 +316,9 @@ class Learner:
             key = str(img)
             if key in by_file:
                 t = by_file[key]
-                preds.append({"file": key, "label": t[0]["label"], "score": t[0]["score"], "top": t})
+                preds.append({"file": printable(key), "label": t[0]["label"], "score": t[0]["score"], "top": t})
             else:
-                preds.append({"file": key, "error": err_by_file.get(key, "not processed")})
+                preds.append({"file": printable(key), "error": err_by_file.get(printable(key), "not processed")})
         return {"predictions": preds, "mode": mode, "head_version": self.store.active_version()}
 
     def class_means(self) -> tuple[list[str], np.ndarray]:

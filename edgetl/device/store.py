@@ -311,6 +311,8 @@ class SampleStore:
             if active is None:
                 return None
             version = int(active)
+        if not 0 < version < 1 << 63:
+            raise StoreError(f"head version {version} does not exist; versions are 1, 2, ... (see 'history')")
         row = self.db.execute("SELECT version, created, labels, weights, info FROM heads WHERE version = ?",
                               (version,)).fetchone()
         if row is None:
