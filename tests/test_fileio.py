@@ -36,7 +36,9 @@ def test_cli_edge_turns_os_errors_into_one_clear_line(tmp_path):
 
     with pytest.raises(click.ClickException) as err:
         write()
-    assert err.value.message.startswith(f"{tmp_path / 'model.keras'}: No space left on device (nothing was left")
+    # Only what is known: the file and the reason (whether anything was half-written depends on the
+    # caller; edgetl's own writes are atomic, extracting a zip is not).
+    assert err.value.message == f"{tmp_path / 'model.keras'}: No space left on device"
 
 
 def test_atomic_write_gives_usual_permissions(tmp_path):
