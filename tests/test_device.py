@@ -192,6 +192,21 @@ def test_a_train_that_started_before_a_remove_cannot_bring_the_label_back(learne
     other.close()
 
 
+def test_photos_added_during_a_train_are_kept_and_do_not_block_it(learner, monkeypatch):
+    learner.add(ANTS[:4], "ants")
+    other = Learner.open(learner.bundle.source, store=learner.store.path, threads=1)
+    real_train_head = __import__("edgetl.device.learner", fromlist=["train_head"]).train_head
+
+    def busy_train(*a, **k):  # photos keep arriving while the head trains
+        other.add(BEES[:2], "bees")
+        return real_train_head(*a, **k)
+
+    monkeypatch.setattr("edgetl.device.learner.train_head", busy_train)
+    r = learner.train(HeadTrainConfig(epochs=2))
+    assert "ants" in r["labels"] and "bees" not in r["labels"] and learner.store.counts()["bees"] == 2
+    other.close()
+
+
 def test_a_class_without_samples_is_dropped_with_a_message_not_kept_dead(learner):
     learner.add(ANTS[:4], "ants")
     learner.train(HeadTrainConfig(epochs=2))

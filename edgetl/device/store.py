@@ -7,10 +7,12 @@
   the switch of the active version: a crash leaves either the old or the new head active.
 * Writers take the lock with ``BEGIN IMMEDIATE`` and wait up to ``busy_timeout`` for each
   other; a writer that still cannot get the lock gets a :class:`StoreError`, never silent loss.
-* Every change of the samples or of the active head bumps ``generation`` in the same
-  transaction. A head trained from a snapshot is saved only if the generation is still the
-  snapshot's (:meth:`SampleStore.save_head` with ``expect_generation``): a training that
-  started before an acknowledged add/remove/rollback can never undo it.
+* Every change that a stale training could undo (a remove, a new or re-activated head) bumps
+  ``generation`` in the same transaction. A head trained from a snapshot is saved only if the
+  generation is still the snapshot's (:meth:`SampleStore.save_head` with ``expect_generation``):
+  a training that started before an acknowledged remove or rollback can never undo it. Adds
+  do not bump it: a sample added during a training is kept and learned by the next one, so
+  photos arriving all the time cannot starve training.
 * ``readonly=True`` opens for reading only: no schema or identity writes, so readers (predict,
   history, info) never wait behind a writer (WAL readers see the last committed state).
 """
@@ -122,7 +124,7 @@ class SampleStore:
         self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value)))
 
     def generation(self) -> int:
-        """Bumped by every change of the samples or the active head."""
+        """Bumped by every remove and every change of the active head (not by adds)."""
         return int(self._meta("generation") or 0)
 
     @staticmethod
@@ -231,8 +233,6 @@ class SampleStore:
                 cur = c.execute("INSERT INTO samples(label, feature, dtype, source, sha256, created) "
                                 "VALUES (?, ?, ?, ?, ?, ?)", r)
                 ids.append(int(cur.lastrowid))
-            if any(i is not None for i in ids):
-                self._bump(c)
             return ids
 
         return self._write(insert) if rows else []
@@ -291,8 +291,8 @@ class SampleStore:
                 now = int((c.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone() or [0])[0])
                 if now != expect_generation:
                     raise StoreError(
-                        f"the sample store changed while this head was trained (photos were added or removed, or "
-                        f"another head became active: generation {expect_generation} -> {now}); the new head was "
+                        f"the sample store changed while this head was trained (a label was removed or another "
+                        f"head became active: generation {expect_generation} -> {now}); the new head was "
                         "not saved, so nothing acknowledged is undone; run 'train' again")
             version = self._insert_head(c, labels, blob, info)
             self._bump(c)
