@@ -411,9 +411,44 @@ def test_head_training_is_deterministic_and_balanced():
     assert not np.array_equal(a[0][0], c[0][0])
 
 
+def test_lbfgs_solves_the_same_problem_to_convergence_from_any_start():
+    from edgetl.device.headtrain import choose_l2, loss_and_grads, solve_softmax
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 1, (120, 16)).astype(np.float32)
+    y = rng.integers(0, 3, 120)
+    x[np.arange(120), y] += 2.0
+    zero = [(np.zeros((16, 3), np.float32), np.zeros(3, np.float32))]
+    noise = [(rng.normal(0, 1, (16, 3)).astype(np.float32), rng.normal(0, 1, 3).astype(np.float32))]
+    a, info = solve_softmax(x, y, 3, l2=0.1, init=zero)
+    b, _ = solve_softmax(x, y, 3, l2=0.1, init=noise)
+    assert info["converged"] and info["grad_max"] < 1e-4
+    np.testing.assert_allclose(a[0][0], b[0][0], atol=1e-3)  # convex: one minimum, whatever the start
+    # The minimum of the very loss Adam descends on: its gradient there is ~0, and Adam's loss is higher.
+    loss, grads = loss_and_grads(a, x, y, class_weights(y, 3, True), 0.1)
+    assert max(float(np.abs(g).max()) for gw_gb in grads for g in gw_gb) < 1e-3
+    _, adam = train_head(zero, x, y, HeadTrainConfig(epochs=50, l2=0.1))
+    assert loss <= adam[-1] + 1e-6 and abs(loss - info["loss"]) < 1e-5
+    # Through train_head: optimizer 'lbfgs'.
+    c, losses = train_head(zero, x, y, HeadTrainConfig(optimizer="lbfgs", l2=0.1))
+    np.testing.assert_allclose(c[0][0], a[0][0], atol=1e-3)
+    # L2 by cross-validation, one-standard-error rule: on a tie the stronger L2 wins.
+    l2, rows = choose_l2(x, y, 3, grid=(0.1, 1e-3), folds=3)
+    assert [r["l2"] for r in rows] == [1e-3, 0.1] and rows[0]["cv_accuracy"] == rows[1]["cv_accuracy"]
+    assert l2 == 0.1
+
+
+def test_device_train_with_lbfgs_converges(learner):
+    learner.add(ANTS[:4], "ants")
+    r = learner.train(HeadTrainConfig(optimizer="lbfgs"))
+    assert r["config"]["optimizer"] == "lbfgs" and "ants" in r["labels"] and len(r["losses"]) == 1
+    r2 = learner.train(HeadTrainConfig(optimizer="lbfgs"))  # from the solved head: the same minimum
+    assert abs(r2["final_loss"] - r["final_loss"]) < 1e-4
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"epochs": 0}, "epochs and batch_size must be >= 1; received 0, 4096"),
-    ({"optimizer": "rmsprop"}, "optimizer must be 'adam' or 'sgd'; received 'rmsprop'"),
+    ({"optimizer": "rmsprop"}, "optimizer must be 'adam' or 'sgd' or 'lbfgs'; received 'rmsprop'"),
     ({"learning_rate": 0.0}, "learning_rate must be > 0; received 0.0"),
     ({"l2": -0.1}, "l2 must be >= 0 (0 turns weight decay off); received -0.1"),
     ({"momentum": 1.0}, "momentum must be in [0, 1); received 1.0"),
