@@ -53,6 +53,11 @@ MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 export QEMU_CPU="$CPU"   # qemu-user reads the CPU model from here, through binfmt_misc and chroot alike
 has() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 say() { printf '== [%s %s/arm64 %s] %s\n' "$(date +%H:%M:%S)" "$SUITE" "$CPU" "$*"; }
+# One run per userland at a time: a second one (a CI job beside a manual run) waits here, since
+# each run replaces the venv inside and unmounts everything below the userland when it ends.
+mkdir -p "$EMU"
+exec 9>"$EMU/$SUITE-arm64.lock"
+if ! flock -n 9; then say "waiting for another run on this userland to finish"; flock 9; fi
 
 need_host_tools() {
   if ! command -v debootstrap >/dev/null || [ ! -x /usr/bin/qemu-aarch64-static ]; then
