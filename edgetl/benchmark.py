@@ -7,6 +7,7 @@ the worker imports no TensorFlow. One failing format never stops the table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -116,17 +117,24 @@ def bench(
     full_integer: bool = False,
 ) -> dict:
     """Benchmark a run folder (exports every target first) or an existing bundle."""
+    source = Path(source)
+    threads_all = threads or (os.cpu_count() or 1)
+    is_run = (source / "run.json").is_file()
+    with contextlib.ExitStack() as cleanup:  # the exported rows' folder, an extracted zip: removed at the end
+        return _bench(source, data_dir, targets, runs, warmup, threads_all, calibration_images, max_drop, io,
+                      progress, full_integer, is_run, cleanup)
+
+
+def _bench(source, data_dir, targets, runs, warmup, threads_all, calibration_images, max_drop, io, progress,
+           full_integer, is_run, cleanup) -> dict:
     from .data import load_samples, scan_folder
     from .formats import FORMATS, parse_targets
     from .predictor import FilePredictor, open_predictor
     from .runtime import open_model
 
-    source = Path(source)
-    threads_all = threads or (os.cpu_count() or 1)
     rows: list[dict] = []
     keras_acc = None
     keras_pred = None
-    is_run = (source / "run.json").is_file()
     reference = open_predictor(source)
     # Decode the evaluation photos once; every row is scored on the same arrays.
     folder = scan_folder(data_dir, classes=reference.labels)
@@ -144,7 +152,7 @@ def bench(
         if heads_only:
             raise EdgetlError(f"bench measures image classifiers; {', '.join(heads_only)} is not one "
                               "(its training steps are timed by benchmarks/device.py)")
-        work = Path(tempfile.mkdtemp(prefix="edgetl-bench-"))
+        work = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="edgetl-bench-")))
         items = []
         for fmt, precision in wanted:
             items.append((fmt.name, precision, work / f"{fmt.name}_{precision}"))
@@ -152,6 +160,7 @@ def bench(
         from .bundle import open_bundle
 
         b = open_bundle(source)
+        cleanup.callback(b.close)
         items = [(e["format"], e["precision"], b.path(e)) for e in b.entries("classifier")]
         if not items:
             raise EdgetlError(f"bundle {source} has no classifier files to benchmark")

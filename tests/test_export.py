@@ -432,11 +432,15 @@ def test_wrong_model_file_is_named(tmp_path):
     assert "is neither a TFLite flatbuffer (no 'TFL3' identifier" in res.output
 
 
-def test_bench_of_a_run_exports_each_row_and_compares_with_keras(tiny_run, tiny_data):
+def test_bench_of_a_run_exports_each_row_and_compares_with_keras(tiny_run, tiny_data, tmp_path, monkeypatch):
+    import tempfile
+
     from edgetl.benchmark import bench
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # what bench writes there must be gone after
     result = bench(tiny_run, tiny_data["val"], targets=["tflite:fp32+int8", "onnx:fp32"], runs=2, warmup=0,
                    calibration_images=12, max_drop=100.0)
+    assert not list(tmp_path.iterdir())
     rows = {(r["format"], r["precision"]): r for r in result["rows"]}
     assert list(rows) == [("keras", "fp32"), ("tflite", "fp32"), ("tflite", "int8"), ("onnx", "fp32")]
     assert rows[("keras", "fp32")]["accuracy"] == result["keras_accuracy"]
