@@ -29,10 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, SHARED, table, write_json  # noqa: E402
+from edgetl.formats import FORMATS, LITERT  # noqa: E402
 
 HYM = SHARED / "datasets/hymenoptera"
 FLOWERS = SHARED / "datasets/flowers"
-BACKENDS = {"litert": "tflite", "onnxruntime": "onnx"}
+BACKENDS = {f.runtime: f.name for f in FORMATS.values() if "backbone" in f.roles}  # runtime -> format
 
 
 def photos(folder: Path) -> list[Path]:
@@ -43,7 +44,7 @@ def quality(bundle: Path, per_class: int) -> dict:
     from edgetl.device import Learner
 
     store = Path(tempfile.mkdtemp()) / "q.sqlite"
-    learner = Learner.open(bundle, store=store, backend="litert", precision="int8")
+    learner = Learner.open(bundle, store=store, backend=LITERT, precision="int8")
     flower_labels = learner.labels()
     test = [(p, c) for c in flower_labels for p in photos(FLOWERS / "test" / c)]
     val = [(p, c) for c in ("ants", "bees") for p in photos(HYM / "val" / c)]
@@ -63,7 +64,7 @@ def quality(bundle: Path, per_class: int) -> dict:
     # The phone's path: the same samples, trained through the bundle's trainable TFLite head.
     learner.rollback(1)
     learner.close()
-    learner = Learner.open(bundle, store=store, backend="litert", precision="int8", trainer="tflite")
+    learner = Learner.open(bundle, store=store, backend=LITERT, precision="int8", trainer="tflite")
     learner.train()
     out["tflite_trainer_flowers_test_after"] = acc(test)
     out["tflite_trainer_new_classes_val"] = acc(val)

@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import SHARED, table, write_json  # noqa: E402
+from edgetl.formats import LITERT  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
     hym = SHARED / "datasets/hymenoptera/train"
     ants = sorted((hym / "ants").glob("*.jpg"))
     bees = sorted((hym / "bees").glob("*.jpg"))
-    learner = Learner.open(a.bundle, store=Path(tempfile.mkdtemp()) / "s.sqlite", backend="litert", precision="int8")
+    learner = Learner.open(a.bundle, store=Path(tempfile.mkdtemp()) / "s.sqlite", backend=LITERT, precision="int8")
     old = learner.labels()
     w_head = learner.store.head().layers
     na, nb = len(old), len(old) + 1

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import BundleError, DataError
 from .fileio import atomic_write_json, commit_dir, make_staging_dir, sha256_file
-from .formats import PREFERENCE
+from .formats import PREFERENCE, runs_format
 from .head_arrays import Layers, load_head
 from .labels import check_label
 from .preprocess import Preprocessing
@@ -79,10 +79,7 @@ class Bundle:
              required: bool = True) -> dict | None:
         """The file of ``role`` to use: filtered by backend/precision, then by device preference."""
         cands = self.entries(role)
-        if backend in ("litert", "tflite_runtime"):
-            cands = [c for c in cands if c["format"] == "tflite"]
-        elif backend == "onnxruntime":
-            cands = [c for c in cands if c["format"] == "onnx"]
+        cands = [c for c in cands if runs_format(backend, c["format"])]
         if precision:
             cands = [c for c in cands if c.get("precision") == precision]
         if not cands:

@@ -72,6 +72,11 @@ IO_TYPES = ("int8", "uint8", "float")
 # convolution (1.33 steps) and block 2's (0.75); next 0.55. Backbone feature cosine to Keras on
 # flowers/test: full integer 0.972 (min 0.903), mixed 0.986 (min 0.953); see docs/bundle.md.
 FLOAT_ERROR = 0.7
+# The runtimes, by the names the table gives them; LiteRT's predecessor package is still accepted.
+LITERT = FORMATS["tflite"].runtime
+ONNXRUNTIME = FORMATS["onnx"].runtime
+TFLITE_RUNTIME = "tflite_runtime"  # runs the same .tflite files as LiteRT
+RUNTIME_OF_BACKEND = {LITERT: LITERT, ONNXRUNTIME: ONNXRUNTIME, TFLITE_RUNTIME: LITERT}
 # Every runtime and precision the table names, in table order (CLI choices come from here).
 BACKENDS = tuple(dict.fromkeys(f.runtime for f in FORMATS.values()))
 PRECISIONS = tuple(dict.fromkeys(p for f in FORMATS.values() for p in f.precisions))
@@ -120,3 +125,11 @@ def parse_targets(specs: list[str] | tuple[str, ...]) -> list[tuple[Format, str]
 
 def file_name(role: str, fmt: Format, precision: str) -> str:
     return f"{role}_{precision}{fmt.suffix}"
+
+
+def runs_format(backend: str | None, fmt: str) -> bool:
+    """Whether ``backend`` (None/"auto": any) runs files of format ``fmt`` (a name in FORMATS)."""
+    if backend in (None, "auto"):
+        return True
+    f = FORMATS.get(fmt)
+    return f is not None and RUNTIME_OF_BACKEND.get(backend) == f.runtime

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MissingDependencyError, ModelError
+from .formats import LITERT, ONNXRUNTIME, TFLITE_RUNTIME, runs_format
 
 TFLITE_MAGIC = b"TFL3"
 
@@ -77,16 +78,16 @@ def detect_format(path: str | Path) -> str:
 
 
 def _litert_interpreter_class(backend: str | None):
-    order = ["litert", "tflite_runtime"] if backend in (None, "litert", "auto") else [backend]
+    order = [LITERT, TFLITE_RUNTIME] if backend in (None, LITERT, "auto") else [backend]
     errors = []
     for name in order:
         try:
-            if name == "litert":
+            if name == LITERT:
                 from ai_edge_litert.interpreter import Interpreter
-            elif name == "tflite_runtime":
+            elif name == TFLITE_RUNTIME:
                 from tflite_runtime.interpreter import Interpreter  # type: ignore
             else:
-                raise ModelError(f"unknown TFLite backend {name!r}; expected 'litert' or 'tflite_runtime'")
+                raise ModelError(f"unknown TFLite backend {name!r}; expected {LITERT!r} or {TFLITE_RUNTIME!r}")
             return name, Interpreter
         except ImportError as exc:
             errors.append(f"{name}: {exc}")
@@ -236,7 +237,7 @@ _ORT_TYPES = {
 
 class OnnxRunner(ModelRunner):
     format = "onnx"
-    backend = "onnxruntime"
+    backend = ONNXRUNTIME
 
     def __init__(self, path: str | Path, threads: int | None = None):
         self.path = Path(path)
@@ -274,11 +275,11 @@ def open_model(path: str | Path, threads: int | None = None, backend: str | None
     """Load a .tflite (LiteRT) or .onnx (ONNX Runtime) file."""
     fmt = detect_format(path)
     if fmt == "tflite":
-        if backend == "onnxruntime":
-            raise ModelError(f"{str(path)!r} is a TFLite file; backend 'onnxruntime' cannot run it")
+        if not runs_format(backend, "tflite"):
+            raise ModelError(f"{str(path)!r} is a TFLite file; backend {backend!r} cannot run it")
         return TFLiteRunner(path, threads, backend)
-    if backend not in (None, "auto", "onnxruntime"):
-        raise ModelError(f"{str(path)!r} is an ONNX file; backend {backend!r} cannot run it (use 'onnxruntime')")
+    if not runs_format(backend, "onnx"):
+        raise ModelError(f"{str(path)!r} is an ONNX file; backend {backend!r} cannot run it (use {ONNXRUNTIME!r})")
     return OnnxRunner(path, threads)
 
 
