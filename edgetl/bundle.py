@@ -75,11 +75,15 @@ class Bundle:
     def entries(self, role: str) -> list[dict]:
         return [f for f in self.files if f["role"] == role]
 
+    def ranked(self, role: str) -> list[dict]:
+        """The files of ``role``, in the device's order of preference (formats.PREFERENCE)."""
+        rank = {fp: i for i, fp in enumerate(PREFERENCE)}
+        return sorted(self.entries(role), key=lambda c: rank.get((c["format"], c.get("precision")), len(rank)))
+
     def pick(self, role: str, backend: str | None = None, precision: str | None = None,
              required: bool = True) -> dict | None:
         """The file of ``role`` to use: filtered by backend/precision, then by device preference."""
-        cands = self.entries(role)
-        cands = [c for c in cands if runs_format(backend, c["format"])]
+        cands = [c for c in self.ranked(role) if runs_format(backend, c["format"])]
         if precision:
             cands = [c for c in cands if c.get("precision") == precision]
         if not cands:
@@ -90,8 +94,7 @@ class Bundle:
                 f"bundle {self.source} has no {role} file for backend={backend or 'any'} "
                 f"precision={precision or 'any'}; it has: {', '.join(have) or 'none'}"
             )
-        rank = {fp: i for i, fp in enumerate(PREFERENCE)}
-        return min(cands, key=lambda c: rank.get((c["format"], c.get("precision")), len(rank)))
+        return cands[0]
 
     def head(self, backbone_entry: dict | None = None) -> Layers:
         """The head; a quantized backbone may carry its own re-fitted head (``backbone_entry['head']``)."""

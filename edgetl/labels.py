@@ -36,10 +36,7 @@ def check_label(label: object, where: str = "label") -> str:
 def printable(text: str) -> str:
     """``text`` safe for a terminal or JSON: undecodable bytes (surrogate escapes) become \\xNN,
     control characters become their escapes."""
-    raw = os.fsencode(text) if any(0xDC80 <= ord(c) <= 0xDCFF for c in text) else None
-    if raw is not None:
-        text = raw.decode("utf-8", "backslashreplace")
-    return "".join(c if unicodedata.category(c) not in ("Cc", "Cf", "Cs") else repr(c)[1:-1] for c in text)
+    return "".join(c if unicodedata.category(c) not in ("Cc", "Cf", "Cs") else repr(c)[1:-1] for c in storable(text))
 
 
 def storable(text: str) -> str:

@@ -117,10 +117,10 @@ def _jpeg(pixels: np.ndarray) -> bytes:
 
 
 def _decode(blob: bytes) -> np.ndarray:
-    from PIL import Image
+    """The device's own decoder (preprocess.decode_image), so the check covers it too."""
+    from .preprocess import decode_image
 
-    with Image.open(io.BytesIO(blob)) as im:
-        return np.asarray(im.convert("RGB"), np.uint8)
+    return np.asarray(decode_image(blob, REFERENCES), np.uint8)
 
 
 def thresholds(measured: dict, photos: int) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 from .. import preprocess
 from ..bundle import Bundle, open_bundle
 from ..errors import BundleError, ConfigError, DataError, EdgetlError, StoreError
-from ..formats import FORMATS, PREFERENCE
+from ..formats import FORMATS
 from ..head_arrays import head_predict
 from ..labels import check_label, printable, storable
 from ..metrics import top_k as top_k_labels
@@ -85,10 +85,7 @@ def _first_passing_backbone(bundle: Bundle, entry: dict, runner, threads: int | 
     first = check_entry(bundle, entry, runner)
     if first["ok"]:
         return entry, runner, first
-    rank = {fp: i for i, fp in enumerate(PREFERENCE)}
-    others = sorted((e for e in bundle.entries("backbone") if e is not entry),
-                    key=lambda e: rank.get((e["format"], e.get("precision")), len(rank)))
-    for other in others:
+    for other in [e for e in bundle.ranked("backbone") if e is not entry]:
         try:
             r = bundle.open_model(other, threads=threads)
         except EdgetlError:  # its runtime is not installed here

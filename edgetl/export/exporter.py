@@ -344,10 +344,9 @@ def _write_self_test(staging: Path, entries: list, val_samples: list[Sample], sp
 
 
 REFIT_PRECISIONS = ("int8",)
-# Distillation, full batch (every step sees all training photos), no re-weighting, no L2: the
-# target is the float model itself.
-# Distillation of the float model into the int8 file's head (see _refit_head): at most
-# REFIT_CONFIG.epochs full-batch steps, stopped early on held-out training photos.
+# Distillation of the float model into the int8 file's head (see _refit_head): full batch, no
+# re-weighting, no L2 (the target is the float model itself), at most REFIT_CONFIG.epochs steps,
+# stopped early on held-out training photos.
 REFIT_HOLDOUT_EVERY = 5
 REFIT_CHECK_EVERY = 10
 REFIT_CONFIG = HeadTrainConfig(epochs=1000, batch_size=1 << 20, learning_rate=1e-3, l2=0.0, optimizer="adam",
