@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # Install edgetl's device side on a Raspberry Pi (Raspberry Pi OS Bookworm, 64-bit, Python 3.11).
 #
-#   bash install_pi.sh [--bundle PATH] [--package SPEC] [--prefix DIR] [--service]
+#   bash install_pi.sh [--bundle PATH] [--package SPEC] [--prefix DIR] [--service] [--serve]
 #
 #   --bundle PATH    a bundle folder or .zip from 'edgetl export' (copied to PREFIX/models/)
 #   --package SPEC   what pip installs (default: "edgetl[device]"; a wheel path works too)
 #   --prefix DIR     where the venv, scripts, models and state go (default: /opt/edgetl)
-#   --service        install and start the systemd unit (edgetl-personalize)
+#   --service        install and start the inbox watcher's systemd unit (edgetl-personalize)
+#   --serve          install and start the web service's unit (edgetl-serve: API + page on port 8080)
 set -euo pipefail
 
 PACKAGE="edgetl[device]"
 PREFIX="/opt/edgetl"
 BUNDLE=""
 SERVICE=0
+SERVE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) BUNDLE="$2"; shift 2 ;;
     --package) PACKAGE="$2"; shift 2 ;;
     --prefix) PREFIX="$2"; shift 2 ;;
     --service) SERVICE=1; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --serve) SERVE=1; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -78,6 +81,8 @@ EDGETL_BUNDLE=${BUNDLE:-$PREFIX/models/CHANGE-ME}
 EDGETL_INBOX=$PREFIX/inbox
 EDGETL_STORE=$PREFIX/state/store.sqlite
 EDGETL_ARGS=--threads 4 --retrain-every 10
+# edgetl-serve: listen on every network (a token is then required; see edgetl-serve.service)
+EDGETL_SERVE_ARGS=--host 0.0.0.0 --port 8080 --threads 4
 CONF
 
 if [ "$SERVICE" = 1 ]; then
@@ -86,5 +91,12 @@ if [ "$SERVICE" = 1 ]; then
   $SUDO systemctl daemon-reload
   $SUDO systemctl enable --now edgetl-personalize
   echo "service started: journalctl -u edgetl-personalize -f"
+fi
+if [ "$SERVE" = 1 ]; then
+  sed "s/%EDGETL_USER%/$(id -un)/" "$(dirname "$0")/edgetl-serve.service" | \
+    $SUDO tee /etc/systemd/system/edgetl-serve.service >/dev/null
+  $SUDO systemctl daemon-reload
+  $SUDO systemctl enable --now edgetl-serve
+  echo "web service started: journalctl -u edgetl-serve shows the address to open on a phone, and the token"
 fi
 echo "installed in $PREFIX. Try: $PREFIX/venv/bin/edgetl-device --bundle ${BUNDLE:-BUNDLE} info"

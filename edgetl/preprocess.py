@@ -200,6 +200,17 @@ def resize_rgb(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def thumbnail_jpeg(pixels: np.ndarray, size: int = 112, quality: int = 80) -> bytes:
+    """A small JPEG of uint8 HxWx3 pixels (e.g. the model's input: what it saw)."""
+    import io
+
+    img = Image.fromarray(np.asarray(pixels, np.uint8))
+    img.thumbnail((size, size), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def normalize(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
     """uint8 (..., H, W, 3) RGB pixels to the model's float32 input."""
     x = pixels.astype(np.float32)

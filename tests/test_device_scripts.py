@@ -65,3 +65,34 @@ def test_install_pi_refuses_32bit_arm(tmp_path):
     assert out.returncode == 1
     assert "32-bit ARM system (armv7l)" in out.stderr and "Raspberry Pi OS (64-bit)" in out.stderr
     assert not (tmp_path / "opt").exists()
+
+
+def test_serve_unit_command_runs_the_service(device_bundle, tmp_path):
+    """edgetl-serve.service's ExecStart, as systemd runs it (sh -c with /etc/default/edgetl's
+    variables), serves the API; SIGTERM stops it cleanly."""
+    import re
+    import signal
+
+    from .test_service import _free_port, _until_up
+
+    unit = (SCRIPTS / "edgetl-serve.service").read_text()
+    command = re.search(r"^ExecStart=/bin/sh -c '(.+)'$", unit, re.M).group(1)
+    port = _free_port()
+    env = {**os.environ, "EDGETL_VENV": str(ROOT / "x"), "EDGETL_BUNDLE": str(device_bundle),
+           "EDGETL_STORE": str(tmp_path / "store.sqlite"), "EDGETL_TOKEN": "unit-token",
+           "EDGETL_SERVE_ARGS": f"--host 0.0.0.0 --port {port} --threads 1"}
+    venv = tmp_path / "venv" / "bin"  # $EDGETL_VENV/bin/edgetl-device: this environment's script
+    venv.mkdir(parents=True)
+    (venv / "edgetl-device").write_text(f"#!/bin/sh\nexec {sys.executable} -c "
+                                        "'from edgetl.cli.device_cmds import main; main()' \"$@\"\n")
+    (venv / "edgetl-device").chmod(0o755)
+    env["EDGETL_VENV"] = str(tmp_path / "venv")
+    proc = subprocess.Popen(["/bin/sh", "-c", command], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        status, info = _until_up(proc, f"http://127.0.0.1:{port}/api/info", "unit-token")
+        assert status == 200 and info["store"] == str(tmp_path / "store.sqlite")
+    finally:
+        proc.send_signal(signal.SIGTERM)  # 'exec' in ExecStart: the signal reaches the service itself
+        out, _ = proc.communicate(timeout=60)
+    assert "the sample store is closed" in out, out

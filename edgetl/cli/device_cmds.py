@@ -330,5 +330,111 @@ def remove(ctx, label, as_json):
         click.echo(f"removed {r['label']!r}: {r['samples_deleted']} sample(s) deleted; active head {r['version']}")
 
 
+def _lan_address() -> str | None:
+    """This machine's address on its network (no packet is sent), for the URL to open on a phone."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed; connect() only picks the interface
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _token_for(store: Path, host: str, given: str | None) -> tuple[str | None, str]:
+    """The token to require: the given one; none on this machine's own address; else the one
+    generated at an earlier start (kept beside the store, mode 0600), or a new one."""
+    import os
+
+    from ..device.service import LOCAL_HOSTS, new_token
+
+    if given:
+        return given, "given"
+    if host in LOCAL_HOSTS:
+        return None, "none (this machine only)"
+    path = store.with_name(store.name + ".token")
+    if path.is_file():
+        return path.read_text().strip(), f"kept in {path}"
+    token = new_token()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # readable by this user only
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return token, f"new; kept in {path} (delete it to make another)"
+
+
+@device_command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 is every network (needs a token).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="TCP port.")
+@click.option("--token", envvar="EDGETL_TOKEN", default=None,
+              help="Access token for the API and the page (env EDGETL_TOKEN). Required off 127.0.0.1: when not "
+                   "given, one is generated once, printed, and kept beside the store.")
+@click.option("--certfile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TLS certificate (PEM): serve HTTPS, which phone browsers need to open the camera live.")
+@click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
+@click.option("--max-file-mb", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
+              help="Largest photo accepted per upload.")
+@click.option("--max-files", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Most photos accepted per upload request.")
+@click.pass_context
+@handle_errors
+def serve(ctx, host, port, token, certfile, keyfile, max_file_mb, max_files):
+    """Serve the HTTP API and the web page that teaches this device from a phone.
+
+    \b
+    edgetl device --bundle models/flowers serve                   # http://127.0.0.1:8080/
+    edgetl device --bundle models/flowers serve --host 0.0.0.0    # a phone on the same network
+
+    The page (at /) adds classes from the phone's camera or files, trains, predicts live and
+    rolls back; docs/service.md lists the API. Stop it with Ctrl-C or SIGTERM: a training in
+    progress gets a few seconds to finish, else it is abandoned and nothing of it is saved.
+    """
+    import uvicorn
+
+    from ..device import Learner
+    from ..device.learner import default_store_path
+    from ..device.service import Limits, check_binding, create_app
+
+    if (certfile is None) != (keyfile is None):
+        raise click.UsageError("give both --certfile and --keyfile, or neither", ctx=ctx)
+    o = ctx.obj
+    if o["bundle"] is None:
+        raise click.UsageError("Missing option '--bundle' (or the EDGETL_BUNDLE environment variable)", ctx=ctx)
+    from ..bundle import open_bundle
+
+    store = o["store"] or default_store_path(open_bundle(o["bundle"]))
+    token, origin = _token_for(Path(store), host, token)
+    check_binding(host, token)
+    # Open once here, so that a bad bundle or store is reported before the server starts.
+    Learner.open(o["bundle"], store=store, backend=o["backend"], precision=o["precision"], threads=o["threads"],
+                 trainer=o["trainer"]).close()
+
+    def open_learner():
+        return Learner.open(o["bundle"], store=store, backend=o["backend"], precision=o["precision"],
+                            threads=o["threads"], trainer=o["trainer"])
+
+    limits = Limits(max_file_bytes=int(max_file_mb * 1024 * 1024), max_files=max_files)
+    app = create_app(open_learner, token=token, limits=limits,
+                     on_stop=lambda: click.echo("edgetl: stopped; the sample store is closed"))
+    scheme = "https" if certfile else "http"
+    shown = _lan_address() if host in ("0.0.0.0", "::") else host
+    # The token is printed once: when it is new (or given here), not at every restart.
+    fragment = f"#token={token}" if token and (origin == "given" or origin.startswith("new")) else ""
+    click.echo(f"edgetl: serving {o['bundle']} with store {store}")
+    click.echo(f"  open {scheme}://{shown or host}:{port}/{fragment}")
+    click.echo(f"  token: {origin}")
+    if scheme == "http" and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo("  note: phone browsers open the camera live only over HTTPS (--certfile/--keyfile); over "
+                   "plain HTTP the page takes photos with the phone's camera app instead")
+    # On SIGTERM/SIGINT uvicorn shuts down gracefully (lifespan: the training job, the store),
+    # then re-raises the signal, so the exit status says how it stopped (systemd counts it as clean).
+    uvicorn.run(app, host=host, port=port, ssl_certfile=certfile, ssl_keyfile=keyfile, log_level="warning",
+                timeout_graceful_shutdown=30)
+
+
 def main() -> None:  # the edgetl-device console script
     device()

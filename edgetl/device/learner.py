@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
@@ -98,6 +99,30 @@ def _first_passing_backbone(bundle: Bundle, entry: dict, runner, threads: int | 
     return entry, runner, first  # none passes: first_load_check refuses with the first file's numbers
 
 
+def _held_back(y: np.ndarray, ids: np.ndarray, every: int) -> np.ndarray:
+    """Every ``every``-th stored sample of each class (in the order they were added); replay
+    features (id -1) always train."""
+    back = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero((y == c) & (ids >= 0))
+        if len(idx) >= every:
+            back[idx[every - 1 :: every]] = True
+    return back
+
+
+def _heldout_report(layers, x: np.ndarray, y: np.ndarray, ids: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy and confusion matrix (rows: truth, columns: prediction) of ``layers`` on x, y,
+    with the misclassified sample ids."""
+    pred = head_predict(x, layers).argmax(1)
+    n = len(labels)
+    confusion = np.zeros((n, n), np.int64)
+    np.add.at(confusion, (y, pred), 1)
+    wrong = [{"id": int(i), "label": labels[t], "predicted": labels[p]}
+             for i, t, p in zip(ids, y, pred) if t != p]
+    return {"available": True, "labels": list(labels), "samples": int(len(y)),
+            "accuracy": float((pred == y).mean()), "confusion": confusion.tolist(), "misclassified": wrong}
+
+
 class Learner:
     def __init__(self, bundle: Bundle, store: SampleStore, backbone_entry: dict, runner, trainer: str = "numpy"):
         self.bundle = bundle
@@ -154,6 +179,10 @@ class Learner:
 
     # -- features ---------------------------------------------------------------------------
     def features(self, images: list[str | Path], ahead: int = 2) -> tuple[np.ndarray, list[str], list[str], list[dict]]:
+        feats, digests, kept, errors, _ = self._features(images, ahead)
+        return feats, digests, kept, errors
+
+    def _features(self, images: list[str | Path], ahead: int = 2, thumbs: bool = False):
         """Backbone features of the readable images, their digests and names; {file, error} for the others.
 
         Photos after the first are decoded, resized and turned into the model's exact input
@@ -165,17 +194,18 @@ class Learner:
         if ahead < 1:
             raise ConfigError(f"ahead must be at least 1 photo; received {ahead}")
         paths = list(images)
-        feats, digests, kept, errors = [], [], [], []
+        feats, digests, kept, errors, thumbnails = [], [], [], [], []
 
         def load(path):  # in the worker thread
             try:
                 px, digest = preprocess.load_pixels(path, self.spec.size)
             except DataError as exc:
-                return None, None, printable(str(exc))
-            return self.runner.prepare(px[None], self.spec), digest, None
+                return None, None, printable(str(exc)), None
+            thumb = preprocess.thumbnail_jpeg(px) if thumbs else None
+            return self.runner.prepare(px[None], self.spec), digest, None, thumb
 
         def consume(path, loaded):
-            x, digest, error = loaded
+            x, digest, error, thumb = loaded
             if error is not None:
                 errors.append({"file": printable(str(path)), "error": error})
                 return
@@ -183,6 +213,7 @@ class Learner:
             feats.append(self.runner.run_prepared(x))
             digests.append(digest)
             kept.append(str(path))
+            thumbnails.append(thumb)
 
         if len(paths) == 1:
             consume(paths[0], load(paths[0]))
@@ -204,15 +235,17 @@ class Learner:
                     f.cancel()
                 wait(pending)
         if not feats:
-            return np.zeros((0, self.bundle.feature_dim), np.float32), [], [], errors
-        return np.concatenate(feats).astype(np.float32), digests, kept, errors
+            return np.zeros((0, self.bundle.feature_dim), np.float32), [], [], errors, []
+        return np.concatenate(feats).astype(np.float32), digests, kept, errors, thumbnails
 
     # -- the API ----------------------------------------------------------------------------
     def add(self, images: list[str | Path], label: str, dtype: str = "float32", skip_duplicates: bool = True,
-            new_class: bool = False) -> dict:
+            new_class: bool = False, sources: list[str] | None = None, thumbnails: bool = False) -> dict:
         """Extract and store samples of ``label`` (a new label becomes a new class at the next train).
 
         Unreadable images are reported by name; the others are stored in one transaction.
+        ``sources``: the names to record and report for ``images`` (default: their paths), e.g.
+        an upload's file name; ``thumbnails``: keep a small JPEG of what the model saw.
         """
         label = check_label(label, "--label").strip()
         known = list(dict.fromkeys(self.labels() + list(self.store.counts())))
@@ -220,9 +253,17 @@ class Learner:
         if similar and not new_class:
             raise ConfigError(f"label {label!r} differs from the existing class {similar[0]!r} only in case; "
                               f"use {similar[0]!r}, or pass --new-class to make {label!r} a class of its own")
-        feats, digests, kept, errors = self.features(list(images))
-        names = [storable(k) for k in kept]  # a file name that is not UTF-8 is stored with \xNN escapes
-        ids = self.store.add(feats, label, names, digests, dtype, skip_duplicates=skip_duplicates)
+        images = list(images)
+        if sources is not None and len(sources) != len(images):
+            raise ConfigError(f"{len(images)} images but {len(sources)} source names")
+        rename = dict(zip(map(str, images), sources)) if sources is not None else {}
+        feats, digests, kept, errors, thumbs = self._features(images, thumbs=thumbnails)
+        for e in errors:
+            e["file"] = printable(rename.get(e["file"], e["file"]))
+        # a file name that is not UTF-8 is stored with \xNN escapes
+        names = [storable(rename.get(k, k)) for k in kept]
+        ids = self.store.add(feats, label, names, digests, dtype, skip_duplicates=skip_duplicates,
+                             thumbs=thumbs if thumbnails else None)
         stored = [(i, f) for i, f in zip(ids, names) if i is not None]
         return {"label": label, "stored": len(stored), "ids": [i for i, _ in stored], "files": [f for _, f in stored],
                 "duplicates": [f for i, f in zip(ids, names) if i is None], "errors": errors}
@@ -230,7 +271,9 @@ class Learner:
     def labels(self) -> list[str]:
         return list(self.store.head().labels)
 
-    def _training_set(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    def _training_set(self, labels: list[str], with_ids: bool = False):
+        """Replay + stored features of ``labels``: x, y (class indices), counts, and with
+        ``with_ids`` the stored sample ids (-1 for replay features)."""
         index = {name: i for i, name in enumerate(labels)}
         parts_x, parts_y = [], []
         replay = self.bundle.replay(self.backbone_entry)
@@ -242,16 +285,28 @@ class Learner:
             parts_x.append(rx[keep])
             parts_y.append(np.array([index[names[i]] for i in keep], np.int64))
             n_replay = len(keep)
-        sx, slabels, _ = self.store.samples()
+        sx, slabels, sids = self.store.samples()
         keep = [i for i, n in enumerate(slabels) if n in index]
         parts_x.append(sx[keep])
         parts_y.append(np.array([index[slabels[i]] for i in keep], np.int64))
         x = np.concatenate(parts_x) if parts_x else np.zeros((0, self.bundle.feature_dim), np.float32)
         y = np.concatenate(parts_y) if parts_y else np.zeros((0,), np.int64)
-        return x.astype(np.float32), y, {"replay": n_replay, "stored": len(keep)}
+        counts = {"replay": n_replay, "stored": len(keep)}
+        if with_ids:
+            ids = np.concatenate([np.full(n_replay, -1, np.int64), np.array([sids[i] for i in keep], np.int64)])
+            return x.astype(np.float32), y, counts, ids
+        return x.astype(np.float32), y, counts
 
-    def train(self, config: HeadTrainConfig | None = None) -> dict:
-        """Retrain the head on replay + stored samples; store it as a new active version."""
+    def train(self, config: HeadTrainConfig | None = None, progress: Callable[[float], None] | None = None,
+              holdout_every: int | None = None) -> dict:
+        """Retrain the head on replay + stored samples; store it as a new active version.
+
+        ``progress(fraction)`` is called as training goes (it may raise to abandon the training:
+        nothing is saved). ``holdout_every=k``: first fit a head without every k-th stored sample
+        of each class (classes with at least k samples) and measure it on those; the figures
+        (accuracy, confusion matrix, misclassified sample ids) go into the new version's info
+        as ``heldout``. The version itself is then trained on everything.
+        """
         if self.trainer == "tflite":
             from .tflite_trainer import config_for, train_with_tflite
 
@@ -265,7 +320,7 @@ class Learner:
             labels = list(current.labels)
             new = [name for name in self.store.counts() if name not in labels]
             labels_all = labels + new
-            x, y, counts = self._training_set(labels_all)
+            x, y, counts, ids = self._training_set(labels_all, with_ids=True)
         if len(x) == 0:
             raise DataError("nothing to train on: no stored samples and no replay features; 'add' some photos first")
         layers = add_classes(current.layers, x, y, [labels_all.index(n) for n in new])
@@ -281,18 +336,95 @@ class Learner:
             layers, y = drop_classes(layers, keep), remap[y]
             labels_all = [labels_all[c] for c in keep]
             new = [n for n in new if n not in missing]
-        if self.trainer == "tflite":
-            layers, losses = train_with_tflite(self.bundle, layers, x, y, cfg)
-        else:
-            layers, losses = train_head(layers, x, y, cfg)
+
+        def fit(start_layers, xs, ys, lo: float, hi: float):
+            def on_epoch(epoch, _layers):
+                if progress is not None:
+                    progress(lo + (hi - lo) * min(1.0, epoch / max(1, cfg.epochs)))
+
+            if progress is not None:
+                progress(lo)
+            if self.trainer == "tflite":
+                return train_with_tflite(self.bundle, start_layers, xs, ys, cfg, on_epoch=on_epoch)
+            return train_head(start_layers, xs, ys, cfg, on_epoch=on_epoch)
+
+        heldout = None
+        split = 0.0
+        if holdout_every:
+            back = _held_back(y, ids, holdout_every)
+            if back.any():
+                split = 0.5
+                part, _ = fit(layers, x[~back], y[~back], 0.0, split)
+                heldout = _heldout_report(part, x[back], y[back], ids[back], labels_all)
+            else:
+                heldout = {"available": False, "reason": f"too few samples to hold any back: a class needs at "
+                                                         f"least {holdout_every} stored photos"}
+        layers, losses = fit(layers, x, y, split, 1.0)
         probs = head_predict(x, layers)
         train_acc = float((probs.argmax(1) == y).mean())
         info = {"origin": "train", "trainer": self.trainer, "config": asdict(cfg), "new_classes": new,
                 "dropped_classes": missing, "num_samples": int(len(x)), **counts,
                 "train_accuracy": train_acc, "final_loss": losses[-1], "parent": current.version,
                 "seconds": round(time.perf_counter() - t0, 4)}
+        if heldout is not None:
+            info["heldout"] = heldout
         version = self.store.save_head(labels_all, layers, info, expect_generation=generation)
+        if progress is not None:
+            progress(1.0)
         return {"version": version, "labels": labels_all, **info, "losses": losses}
+
+    def metrics(self) -> dict:
+        """The active head measured on stored samples it was not trained on.
+
+        A trained version carries the figures measured when it was trained (``train`` with
+        ``holdout_every``); the bundle's own head is measured now on every stored sample of
+        its classes (it never saw them). Other versions have none: the result says why.
+        """
+        head = self.store.head()
+        if "heldout" in head.info:
+            return {"version": head.version, **head.info["heldout"]}
+        if head.info.get("origin") == "bundle":
+            x, labels, ids = self.store.samples(head.labels)
+            if len(x) == 0:
+                return {"version": head.version, "available": False,
+                        "reason": "no stored samples of the bundle's classes to measure its head on"}
+            y = np.array([head.labels.index(n) for n in labels], np.int64)
+            return {"version": head.version, **_heldout_report(head.layers, x, y, np.array(ids), head.labels)}
+        return {"version": head.version, "available": False,
+                "reason": f"version {head.version} was made by {head.info.get('origin')!r}, not by a training with "
+                          "held-back samples; train to measure one"}
+
+    def remove_sample(self, sample_id: int) -> dict:
+        """Delete one stored sample (the head keeps what it learned until the next train)."""
+        label = self.store.remove_sample(sample_id)
+        if label is None:
+            raise DataError(f"no stored sample with id {sample_id}")
+        return {"id": int(sample_id), "label": label, "samples": self.store.counts()}
+
+    def rename(self, label: str, new_name: str) -> dict:
+        """Give a class another name: its samples and (in a new head version) its output."""
+        new_name = check_label(new_name, "new name").strip()
+        head = self.store.head()
+        counts = self.store.counts()
+        if label not in head.labels and label not in counts:
+            raise DataError(f"unknown label {label!r}; known: {sorted(set(head.labels) | set(counts))}")
+        if new_name == label:
+            return {"label": label, "name": new_name, "samples": counts.get(label, 0), "version": head.version}
+        taken = [k for k in set(head.labels) | set(counts) if k.casefold() == new_name.casefold() and k != label]
+        if taken:
+            raise ConfigError(f"a class {taken[0]!r} already exists; pick another name")
+        new_head = None
+        if label in head.labels:
+            names = [new_name if n == label else n for n in head.labels]
+            new_head = (names, head.layers, {"origin": "rename", "renamed": [label, new_name], "parent": head.version})
+        moved, version = self.store.rename_label(label, new_name, new_head)
+        return {"label": label, "name": new_name, "samples": moved, "version": version or head.version}
+
+    def worker(self) -> Learner:
+        """The same learner on its own store connection, for another thread (e.g. a training
+        job: training reads and writes the store but never runs the backbone). Close it there."""
+        s = SampleStore(self.store.path, self.bundle.feature_dim, identity=self.backbone_entry["sha256"])
+        return Learner(self.bundle, s, self.backbone_entry, self.runner, self.trainer)
 
     def predict(self, images: list[str | Path], top_k: int = 3, mode: str = "head") -> dict:
         """Same document as ``edgetl predict --json``; ``mode='ncm'`` uses class means, no training."""

@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS samples (
 );
 CREATE INDEX IF NOT EXISTS samples_label ON samples(label);
 CREATE INDEX IF NOT EXISTS samples_label_sha256 ON samples(label, sha256);
+CREATE TABLE IF NOT EXISTS thumbs (
+    id INTEGER PRIMARY KEY REFERENCES samples(id) ON DELETE CASCADE,
+    jpeg BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS heads (
     version INTEGER PRIMARY KEY AUTOINCREMENT,
     created REAL NOT NULL,
@@ -203,8 +207,11 @@ class SampleStore:
 
     # -- samples ----------------------------------------------------------------------------
     def add(self, features: np.ndarray, label: str, sources: list[str], digests: list[str],
-            dtype: str = "float32", skip_duplicates: bool = False) -> list[int | None]:
+            dtype: str = "float32", skip_duplicates: bool = False,
+            thumbs: list[bytes | None] | None = None) -> list[int | None]:
         """Store features of one label in one transaction; returns their ids once committed.
+
+        ``thumbs``: a small JPEG per sample (what the model saw), stored in the same transaction.
 
         With ``skip_duplicates``, a sample whose label and sha256 are already stored (or that
         repeats one earlier in the same call) is not stored and gets ``None`` in place of an
@@ -216,15 +223,16 @@ class SampleStore:
         feats = np.asarray(features, np.float32)
         if feats.ndim != 2 or feats.shape[1] != self.feature_dim:
             raise StoreError(f"features of shape {feats.shape} do not fit this store (dim {self.feature_dim})")
-        if not (len(sources) == len(digests) == len(feats)):
-            raise StoreError(f"{len(feats)} features but {len(sources)} sources and {len(digests)} digests")
+        if not (len(sources) == len(digests) == len(feats)) or (thumbs is not None and len(thumbs) != len(feats)):
+            raise StoreError(f"{len(feats)} features but {len(sources)} sources, {len(digests)} digests"
+                             + ("" if thumbs is None else f" and {len(thumbs)} thumbnails"))
         now = time.time()
         rows = [(label, feats[i].astype(dtype).tobytes(), dtype, sources[i], digests[i], now) for i in range(len(feats))]
 
         def insert(c):
             ids: list[int | None] = []
             seen: set[str] = set()
-            for r in rows:
+            for k, r in enumerate(rows):
                 if skip_duplicates and (r[4] in seen or c.execute(
                         "SELECT 1 FROM samples WHERE label = ? AND sha256 = ? LIMIT 1", (label, r[4])).fetchone()):
                     ids.append(None)
@@ -233,6 +241,8 @@ class SampleStore:
                 cur = c.execute("INSERT INTO samples(label, feature, dtype, source, sha256, created) "
                                 "VALUES (?, ?, ?, ?, ?, ?)", r)
                 ids.append(int(cur.lastrowid))
+                if thumbs is not None and thumbs[k] is not None:
+                    c.execute("INSERT INTO thumbs(id, jpeg) VALUES (?, ?)", (ids[-1], thumbs[k]))
             return ids
 
         return self._write(insert) if rows else []
@@ -250,6 +260,53 @@ class SampleStore:
         feats = np.stack([np.frombuffer(r[2], dtype=r[3]).astype(np.float32) for r in rows])
         return feats, [r[1] for r in rows], [int(r[0]) for r in rows]
 
+    def listing(self, label: str | None = None, limit: int = 1000, offset: int = 0) -> list[dict]:
+        """Stored samples without their features: id, label, source name, time added, newest first."""
+        q = "SELECT s.id, s.label, s.source, s.created FROM samples s"
+        args: tuple = ()
+        if label is not None:
+            q += " WHERE s.label = ?"
+            args = (label,)
+        rows = self.db.execute(q + " ORDER BY s.id DESC LIMIT ? OFFSET ?", (*args, int(limit), int(offset))).fetchall()
+        return [{"id": int(r[0]), "label": r[1], "source": r[2], "added": float(r[3])} for r in rows]
+
+    def thumb(self, sample_id: int) -> bytes | None:
+        """The sample's thumbnail JPEG (None: no such sample, or stored without one)."""
+        try:
+            row = self.db.execute("SELECT jpeg FROM thumbs WHERE id = ?", (int(sample_id),)).fetchone()
+        except sqlite3.OperationalError:  # a store from before thumbnails, opened read-only
+            return None
+        return bytes(row[0]) if row else None
+
+    def remove_sample(self, sample_id: int) -> str | None:
+        """Delete one sample (and its thumbnail); returns its label, None if there was no such sample."""
+
+        def remove(c):
+            row = c.execute("SELECT label FROM samples WHERE id = ?", (int(sample_id),)).fetchone()
+            if row is None:
+                return None
+            c.execute("DELETE FROM thumbs WHERE id = ?", (int(sample_id),))
+            c.execute("DELETE FROM samples WHERE id = ?", (int(sample_id),))
+            self._bump(c)  # a training that started before this delete must not save a head that learned it
+            return row[0]
+
+        return self._write(remove)
+
+    def rename_label(self, old: str, new: str, new_head: tuple[list[str], Layers, dict] | None = None) -> tuple[int, int | None]:
+        """Relabel ``old``'s samples as ``new`` and (optionally) activate ``new_head`` in ONE
+        transaction; returns (samples relabelled, the new head's version or None)."""
+        blob = head_bytes(new_head[1]) if new_head else None
+
+        def rename(c):
+            if c.execute("SELECT 1 FROM samples WHERE label = ? LIMIT 1", (new,)).fetchone():
+                raise StoreError(f"a class {new!r} already has samples; pick another name")
+            moved = c.execute("UPDATE samples SET label = ? WHERE label = ?", (new, old)).rowcount
+            version = self._insert_head(c, new_head[0], blob, new_head[2]) if new_head else None
+            self._bump(c)
+            return moved, version
+
+        return self._write(rename)
+
     def ids(self) -> set[int]:
         return {int(r[0]) for r in self.db.execute("SELECT id FROM samples")}
 
@@ -262,6 +319,7 @@ class SampleStore:
         blob = head_bytes(new_head[1]) if new_head else None
 
         def remove(c):
+            c.execute("DELETE FROM thumbs WHERE id IN (SELECT id FROM samples WHERE label = ?)", (label,))
             deleted = c.execute("DELETE FROM samples WHERE label = ?", (label,)).rowcount
             version = self._insert_head(c, new_head[0], blob, new_head[2]) if new_head else None
             self._bump(c)

@@ -81,8 +81,9 @@ def config_for(entry: dict, epochs: int = 20, batch_size: int = 32, seed: int = 
 
 
 def train_with_tflite(bundle, layers: Layers, x: np.ndarray, y: np.ndarray, cfg: HeadTrainConfig,
-                      threads: int | None = 1) -> tuple[Layers, list[float]]:
-    """Train ``layers`` with the bundle's trainable TFLite head; same epochs and order as the NumPy trainer."""
+                      threads: int | None = 1, on_epoch=None) -> tuple[Layers, list[float]]:
+    """Train ``layers`` with the bundle's trainable TFLite head; same epochs and order as the NumPy
+    trainer. ``on_epoch(epoch, None)`` after every epoch (1-based; e.g. progress)."""
     entry = bundle.pick("trainable_head")
     check_config(cfg, entry)
     head = TFLiteTrainableHead(bundle.path(entry), threads=threads)
@@ -98,6 +99,8 @@ def train_with_tflite(bundle, layers: Layers, x: np.ndarray, y: np.ndarray, cfg:
         losses = [head.train_step(x[order[s : s + cfg.batch_size]], y[order[s : s + cfg.batch_size]])
                   for s in range(0, len(order), cfg.batch_size)]
         history.append(float(np.mean(losses)))
+        if on_epoch is not None:
+            on_epoch(len(history), None)
     trained, _ = head.save()
     w, b = trained[-1]
     return [*trained[:-1], (w[:, :live].copy(), b[:live].copy())], history
