@@ -19,9 +19,12 @@ class Format:
     precisions: tuple[str, ...]
     default_precisions: tuple[str, ...]
     runtime: str  # the runtime that loads it: "litert" or "onnxruntime"
-    module: str  # the exporter module; each has export(model, path, precision, options)
+    module: str  # the exporter module; each has export(source, path, precision, config)
     roles: tuple[str, ...]
     description: str
+    from_head: bool = False  # converts the head's arrays, not a Keras model
+    file_format: str | None = None  # the manifest's format of its files (default: the name)
+    calibrated: tuple[str, ...] = ()  # precisions calibrated on photos: their head is re-fitted, their accuracy gated
 
 
 FORMATS: dict[str, Format] = {
@@ -36,6 +39,7 @@ FORMATS: dict[str, Format] = {
         description="TFLite flatbuffer for LiteRT: float32, float16 weights, dynamic-range int8 weights, "
         "or int8 calibrated on training photos (mixed: the layers int8 measurably hurts stay float; "
         "--full-int8 for full integer)",
+        calibrated=("int8",),
     ),
     "onnx": Format(
         name="onnx",
@@ -47,6 +51,7 @@ FORMATS: dict[str, Format] = {
         roles=("classifier", "backbone"),
         description="ONNX for ONNX Runtime: float32 (tf2onnx), or int8 QDQ static quantization calibrated "
         "on training photos",
+        calibrated=("int8",),
     ),
     "tflite-trainable": Format(
         name="tflite-trainable",
@@ -58,6 +63,8 @@ FORMATS: dict[str, Format] = {
         roles=("trainable_head",),
         description="head-only TFLite model with infer/train/save/restore signatures, TFLite builtins only "
         "(trains on a phone in stock LiteRT)",
+        from_head=True,
+        file_format="tflite",
     ),
 }
 
@@ -121,6 +128,11 @@ def parse_targets(specs: list[str] | tuple[str, ...]) -> list[tuple[Format, str]
             if t not in seen:
                 seen.append(t)
     return seen
+
+
+def file_format(fmt: Format) -> str:
+    """The format a bundle's manifest gives this format's files (a trainable head is a .tflite)."""
+    return fmt.file_format or fmt.name
 
 
 def file_name(role: str, fmt: Format, precision: str) -> str:

@@ -35,6 +35,34 @@ def test_readme_command_reference_is_what_help_says():
     assert section == cli_reference(), "README.md's command reference is stale: python -m edgetl.cli.reference --write"
 
 
+def _option_defaults(command: click.Command) -> dict[str, object]:
+    return {p.name: p.default for p in command.params
+            if isinstance(p, click.Option) and not p.is_flag and p.default is not None}
+
+
+@pytest.mark.parametrize("path, config", [
+    (("train",), "edgetl.train.config:TrainConfig"),
+    (("export",), "edgetl.export.config:ExportConfig"),
+])
+def test_cli_defaults_are_the_config_dataclasses(path, config):
+    """Every option named like a field of the command's config has that field's default."""
+    import dataclasses
+    import importlib
+
+    module, _, name = config.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    fields = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    command = cli
+    for part in path:
+        command = command.commands[part]
+    shared = {k: v for k, v in _option_defaults(command).items() if k in fields}
+    assert len(shared) >= 5, f"{' '.join(path)} shares too few options with {name}: {sorted(shared)}"
+    for key, value in shared.items():
+        want = fields[key]
+        assert (tuple(value) if isinstance(value, (list, tuple)) else value) == want, \
+            f"edgetl {' '.join(path)} --{key.replace('_', '-')} defaults to {value!r}; {name}.{key} is {want!r}"
+
+
 def _readme_invocations() -> list[list[str]]:
     """Every `edgetl ...` command line in README's bash blocks, continuation lines joined."""
     out = []

@@ -6,9 +6,20 @@ from pathlib import Path
 
 import click
 
-from ..formats import FLOAT_ERROR, FORMATS, IO_TYPES
-from .common import ProgressBars, emit_json, handle_errors, json_option, print_table, quiet_tensorflow, threads_option
+from ..export.config import MODEL_ROLES, ExportConfig
+from ..formats import FORMATS, IO_TYPES
+from .common import (
+    ProgressBars,
+    default,
+    emit_json,
+    handle_errors,
+    json_option,
+    print_table,
+    quiet_tensorflow,
+    threads_option,
+)
 
+_E = ExportConfig  # defaults are read from the config dataclass: written once
 _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS.values())
 
 
@@ -16,25 +27,26 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Bundle folder to write (default: models/<run folder name>).")
-@click.option("-f", "--format", "targets", multiple=True, default=("tflite:fp32", "tflite:int8"), show_default=True,
+@click.option("-f", "--format", "targets", multiple=True, default=default(_E, "targets"), show_default=True,
               help=f"FORMAT[:PRECISION[+PRECISION]] or FORMAT:all; repeatable. {_FORMAT_HELP}.")
-@click.option("--role", "roles", multiple=True, type=click.Choice(["classifier", "backbone"]),
-              default=("classifier", "backbone"), show_default=True,
+@click.option("--role", "roles", multiple=True, type=click.Choice(list(MODEL_ROLES)),
+              default=default(_E, "roles"), show_default=True,
               help="classifier: image -> probabilities; backbone: image -> feature (for on-device learning).")
-@click.option("--io", type=click.Choice(IO_TYPES), default="int8", show_default=True,
+@click.option("--io", type=click.Choice(IO_TYPES), default=default(_E, "io"), show_default=True,
               help="Input/output type of --full-int8 TFLite files (mixed int8 files take float).")
-@click.option("--calibration-images", type=click.IntRange(min=1), default=200, show_default=True,
-              help="Training photos used to calibrate int8 (balanced over classes).")
-@click.option("--max-drop", type=float, default=1.0, show_default=True,
+@click.option("--calibration-images", type=click.IntRange(min=1), default=default(_E, "calibration_images"),
+              show_default=True, help="Training photos used to calibrate int8 (balanced over classes).")
+@click.option("--max-drop", type=float, default=default(_E, "max_drop"), show_default=True,
               help="Fail when an int8 file's accuracy is more than this many points below Keras.")
-@click.option("--replay-per-class", type=click.IntRange(min=0), default=256, show_default=True,
+@click.option("--replay-per-class", type=click.IntRange(min=0), default=default(_E, "replay_per_class"),
+              show_default=True,
               help="Training photos per class whose features (float16, 2.5 KB each at 1280-d) ship "
                    "for on-device retraining; more keeps the original classes better.")
 @click.option("--max-classes", type=click.IntRange(min=1), default=None,
               help="tflite-trainable: output slots, so a phone can add classes (default: classes + 8).")
-@click.option("--trainable-lr", type=float, default=0.01, show_default=True,
+@click.option("--trainable-lr", type=float, default=default(_E, "trainable_lr"), show_default=True,
               help="tflite-trainable: SGD learning rate of its train() signature.")
-@click.option("--trainable-l2", type=float, default=1e-4, show_default=True,
+@click.option("--trainable-l2", type=float, default=default(_E, "trainable_l2"), show_default=True,
               help="tflite-trainable: L2 weight decay of its train() signature.")
 @click.option("--no-refit-head", is_flag=True,
               help="Keep the float head for int8 files instead of re-fitting it (distilling the float model) "
@@ -43,7 +55,7 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
               help="Make int8 TFLite files full-integer (every op int8, I/O per --io; for accelerators that need "
                    "one). By default a classifier's head and the layers int8 hurts most stay float, which "
                    "agrees better with Keras on every CPU.")
-@click.option("--float-error", type=click.FloatRange(min=0), default=FLOAT_ERROR, show_default=True,
+@click.option("--float-error", type=click.FloatRange(min=0), default=default(_E, "float_error"), show_default=True,
               help="Mixed int8: keep in float each layer whose int8 output error, measured on calibration photos, "
                    "exceeds this many quantization steps (RMSE / scale).")
 @click.option("--no-verify", is_flag=True, help="Skip running every file against Keras on the validation photos.")
@@ -59,20 +71,17 @@ def export(run_dir, out, targets, roles, io, calibration_images, max_drop, repla
     Every file is checked for the tensor types asked for and, unless --no-verify, run in its
     runtime (LiteRT, ONNX Runtime) on the run's validation photos and compared with Keras.
     """
-    from ..formats import parse_targets
-
-    parse_targets(list(targets))  # argument errors before TensorFlow is imported
+    # Built (and its arguments checked) before TensorFlow is imported.
+    config = ExportConfig(targets=targets, roles=roles, io=io, calibration_images=calibration_images,
+                          verify=not no_verify, max_drop=max_drop, replay_per_class=replay_per_class,
+                          make_zip=make_zip, force=force, threads=threads, refit_head=not no_refit_head,
+                          max_classes=max_classes, trainable_lr=trainable_lr, trainable_l2=trainable_l2,
+                          full_integer=full_int8, float_error=float_error)
     quiet_tensorflow()
     from ..export import export_run
 
     with ProgressBars() as bars:
-        report = export_run(run_dir, out, targets=list(targets), roles=tuple(roles), io=io,
-                            calibration_images=calibration_images, verify=not no_verify, max_drop=max_drop,
-                            replay_per_class=replay_per_class, make_zip=make_zip, force=force, threads=threads,
-                            refit_head=not no_refit_head, max_classes=max_classes, trainable_lr=trainable_lr,
-                            trainable_l2=trainable_l2, full_integer=full_int8,
-                            float_error=float_error,
-                            progress=bars)
+        report = export_run(run_dir, out, config, progress=bars)
     if as_json:
         emit_json(report)
         return

@@ -1,4 +1,4 @@
-"""What every exporter module receives: the same source and options objects."""
+"""What every exporter module receives: the same source object (and the ExportConfig)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from ..formats import FLOAT_ERROR
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    io: str = "int8"  # int8 | uint8 | float: I/O type of full-integer TFLite files
-    opset: int = 17  # ONNX opset
-    max_classes: int | None = None  # tflite-trainable: output slots (default: the classes + 8)
-    train_lr: float = 0.01  # tflite-trainable: SGD learning rate baked into train()
-    train_l2: float = 1e-4  # tflite-trainable: L2 baked into train()
-    # int8 TFLite: full-integer files (every op int8, I/O per ``io``; for accelerators that need
-    # one). By default int8 files are mixed: a classifier's head and the layers int8 hurts most
-    # stay float (quantization.QuantizationConfig.for_int8_mixed), with float I/O.
-    full_integer: bool = False
-    float_error: float | None = FLOAT_ERROR  # mixed int8: layers above this error stay float
 
 
 @dataclass

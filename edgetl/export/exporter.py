@@ -15,6 +15,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -27,7 +28,7 @@ from ..data import Sample, load_samples
 from ..device.headtrain import HeadTrainConfig, train_head
 from ..errors import ConfigError, ExportError
 from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..formats import FLOAT_ERROR, file_name, parse_targets
+from ..formats import file_format, file_name
 from ..head_arrays import Layers, head_predict, save_head
 from ..metrics import cosine
 from ..runtime import open_model, run_batched
@@ -41,7 +42,8 @@ from ..selftest import (
     thresholds,
 )
 from ..selftest import measure as measure_file
-from .common import ExportOptions, ExportSource
+from .common import ExportSource
+from .config import MODEL_ROLES, ExportConfig, Plan
 
 log = logging.getLogger("edgetl")
 Progress = Callable[[str, int, int], None]
@@ -114,180 +116,197 @@ def verify_file(path: Path, role: str, x: np.ndarray, y: np.ndarray, reference: 
     return result
 
 
-def export_run(
-    run_dir: str | Path,
-    out: str | Path | None = None,
-    targets: list[str] | tuple[str, ...] = ("tflite:fp32", "tflite:int8"),
-    roles: tuple[str, ...] = ("classifier", "backbone"),
-    io: str = "int8",
-    calibration_images: int = 200,
-    verify: bool = True,
-    max_drop: float = 1.0,
-    replay_per_class: int = 256,
-    make_zip: bool = False,
-    force: bool = False,
-    refit_head: bool = True,
-    max_classes: int | None = None,
-    trainable_lr: float = 0.01,
-    trainable_l2: float = 1e-4,
-    threads: int | None = None,
-    progress: Progress | None = None,
-    full_integer: bool = False,
-    float_error: float | None = FLOAT_ERROR,
-) -> dict:
-    """Export ``run_dir`` to a bundle folder; returns the export report (JSON-ready)."""
+def export_run(run_dir: str | Path, out: str | Path | None = None, config: ExportConfig | None = None,
+               progress: Progress | None = None, **options) -> dict:
+    """Export ``run_dir`` to a bundle folder; returns the export report (JSON-ready).
+
+    ``config`` (or its fields as keyword arguments, e.g. ``targets=["tflite:int8"]``) says
+    what to export; see :class:`~edgetl.export.config.ExportConfig`.
+    """
     from ..train.run import Run
 
+    if config is not None and options:
+        raise ConfigError(f"give an ExportConfig or its fields, not both (received {', '.join(options)})")
+    unknown = set(options) - set(ExportConfig.fields())
+    if unknown:
+        raise ConfigError(f"unknown export option(s) {', '.join(sorted(unknown))}; known: "
+                          f"{', '.join(ExportConfig.fields())}")
+    config = config or ExportConfig(**options)
     t_start = time.perf_counter()
     run = Run(run_dir)
-    parsed = parse_targets(list(targets))
-    if not parsed:
-        raise ConfigError("no export targets given; e.g. --format tflite:int8")
-    for r in roles:
-        if r not in ("classifier", "backbone"):
-            raise ConfigError(f"unknown role {r!r}; expected 'classifier' and/or 'backbone'")
-    if calibration_images < 1:
-        raise ConfigError(f"calibration_images must be at least 1; received {calibration_images}")
     target = Path(out) if out else Path("models") / run.dir.name
-    if target.exists() and not force:
+    if target.exists() and not config.force:
         raise ExportError(f"{target} already exists; pass --force to replace it")
-    total = sum(1 if f.roles == ("trainable_head",) else len(roles) for f, _ in parsed)
-    if progress:  # the bar is there from the start: loading photos and the Keras reference take a while
-        progress("export", 0, total)
-    spec = run.preprocessing
-    head_layers = run.head()
-
-    cal_samples = balanced_subset(run.samples("train"), calibration_images)
-    x_cal, _, _ = load_samples(cal_samples, spec)
-    replay_samples = first_per_class(run.samples("train"), replay_per_class)
-    val_samples = run.samples("val")
-    x_val, y_val, _ = load_samples(val_samples, spec)
-
-    classifier = run.classifier
-    backbone = run.backbone_model
-    models = {"classifier": classifier, "backbone": backbone}
-    references: dict[str, np.ndarray] = {}
-    keras_acc = None
-    if verify and len(x_val):
-        references["backbone"] = np.asarray(backbone.predict(x_val, batch_size=32, verbose=0), np.float32)
-        # The classifier is head(backbone(x)): its reference reuses the backbone pass above.
-        references["classifier"] = np.asarray(run.head_model.predict(references["backbone"], batch_size=256,
-                                                                     verbose=0), np.float32)
-        keras_acc = float((references["classifier"].argmax(1) == y_val).mean())
-
+    if config.max_classes is None:  # the trainable head's slots: room for 8 classes learned on the phone
+        config = replace(config, max_classes=len(run.labels) + 8)
+    plans = config.plans()
+    job = _Export(run, config, progress, total=sum(len(p.files) for p in plans))
     staging = make_staging(target)
     try:
-        work = staging / ".work"
-        work.mkdir()
-        metadata = {
-            "labels": _json(run.labels), "preprocessing": _json(spec.to_dict()),
-            "backbone": _json(run.backbone_identity), "edgetl_version": __version__,
-        }
-        entries: list[dict] = []
-        verification: list[dict] = []
-        options = ExportOptions(io=io, max_classes=max_classes or len(run.labels) + 8, train_lr=trainable_lr,
-                                train_l2=trainable_l2, full_integer=full_integer,
-                                float_error=float_error)
-        done = 0
-        sources = {r: ExportSource(r, models[r], work, x_cal[:calibration_images], {**metadata, "role": r})
-                   for r in ("backbone", "classifier")}
-        extra_heads: dict[str, Layers] = {}
-        teacher = None  # (photo paths, the float model's probabilities on them), computed once
-        for fmt, precision in parsed:
-            module = importlib.import_module(fmt.module)
-            target_head = head_layers
-            if fmt.roles == ("trainable_head",):
-                name = file_name("trainable_head", fmt, precision)
-                src = ExportSource("trainable_head", None, work, x_cal[:0], metadata, head=head_layers)
-                info = module.export(src, staging / name, precision, options)
-                entries.append((name, {"role": "trainable_head", "format": "tflite", "precision": precision,
-                                       "runtime": fmt.runtime, **info}))
-                done += 1
-                if progress:
-                    progress("export", done, total)
-                continue
-            # The backbone first: a quantized one may get its own re-fitted head (see refit_head).
-            needs_backbone = "backbone" in roles or (refit_head and precision in REFIT_PRECISIONS)
-            for role in [r for r in ("backbone", "classifier") if r in roles or (r == "backbone" and needs_backbone)]:
-                name = file_name(role, fmt, precision)
-                where = staging if role in roles else work
-                model_source = sources[role]
-                if role == "classifier" and target_head is not head_layers:
-                    model_source = ExportSource("classifier", _classifier_with_head(run, target_head), work,
-                                                x_cal[:calibration_images], {**metadata, "role": "classifier"})
-                info = module.export(model_source, where / name, precision, options)
-                train_features = None  # this backbone file's features of the training photos
-                refit_info = None
-                if role == "backbone" and refit_head and precision in REFIT_PRECISIONS:
-                    train_features = backbone_features(where / name, run.samples("train"), spec, threads)
-                    if teacher is None or teacher[0] != train_features[2]:
-                        teacher = (train_features[2],
-                                   _teacher_probs(backbone, head_layers, train_features[2], spec))
-                    target_head, refit_info = _refit_head(train_features, head_layers, teacher[1])
-                    if role in roles and target_head is not head_layers:
-                        head_name = f"head_{name.replace('.', '_')}.npz"
-                        save_head(staging / head_name, target_head)
-                        extra_heads[name] = head_name
-                if role not in roles:
-                    continue
-                entry = {"role": role, "format": fmt.name, "precision": precision, "runtime": fmt.runtime,
-                         "input": info["input"], "output": info["output"]}
-                if fmt.name == "tflite":
-                    entry["flex_ops"] = bool(info["flex_or_custom_ops"])
-                if "quantization" in info:  # the recipe, and for mixed int8 the layers kept in float
-                    entry["quantization"] = info["quantization"]
-                if refit_info is not None and role == "backbone":
-                    entry["head_refit"] = {**REFIT_CONFIG.__dict__, "targets": "float model probabilities",
-                                           "held_out_every": REFIT_HOLDOUT_EVERY, **refit_info}
-                if target_head is not head_layers:
-                    if role == "backbone":
-                        entry["head"] = extra_heads[name]
-                    else:  # converted with the head re-fitted for this precision's backbone file
-                        entry["head_refit"] = {"from": file_name("backbone", fmt, precision)}
-                if verify and len(x_val):
-                    v = verify_file(staging / name, role, x_val, y_val, references[role], target_head, keras_acc,
-                                    references["classifier"].argmax(1), threads)
-                    v.update({"file": name, "role": role, "format": fmt.name, "precision": precision})
-                    verification.append(v)
-                    entry["verification"] = {k: v[k] for k in ("accuracy", "top1_agreement", "accuracy_drop_points")}
-                    _gate(v, max_drop)
-                if role == "backbone" and replay_samples:
-                    if train_features is None:
-                        feats, labels, _ = backbone_features(staging / name, replay_samples, spec, threads)
-                    else:  # the refit's features of all training photos hold the replay photos' too
-                        row = {path: i for i, path in enumerate(train_features[2])}
-                        rows = [row[str(x.path)] for x in replay_samples if str(x.path) in row]
-                        feats, labels = train_features[0][rows], train_features[1][rows]
-                    entry["replay"] = _write_replay(staging, name, feats, labels)
-                entries.append((name, entry))
-                done += 1
-                if progress:
-                    progress("export", done, total)
-        shutil.rmtree(work, ignore_errors=True)
-        self_test = None
-        if verify and val_samples:
-            self_test = _write_self_test(staging, entries, val_samples, spec, backbone, run.head_model, head_layers,
-                                         extra_heads, threads)
+        job.start(staging)
+        for plan in plans:
+            job.head_file(plan) if plan.from_head else job.model_files(plan)
+        report, manifest = job.finish(target)
+        commit_bundle(staging, target, manifest, force=config.force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report["manifest"] = manifest
+    if config.make_zip:
+        report["zip"] = str(zip_bundle(target, target.with_suffix(".zip")))
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    return report
 
+
+class _Export:
+    """One export's shared state: the run's photos and Keras references, the staging folder,
+    and the bundle's entries as the plans add them."""
+
+    def __init__(self, run, config: ExportConfig, progress: Progress | None, total: int):
+        self.run, self.config, self.progress, self.total = run, config, progress, total
+        self.done = 0
+        if progress:  # the bar is there from the start: loading photos and the Keras reference take a while
+            progress("export", 0, total)
+        self.spec = run.preprocessing
+        self.head_layers = run.head()
+        train = run.samples("train")
+        self.x_cal, _, _ = load_samples(balanced_subset(train, config.calibration_images), self.spec)
+        self.replay_samples = first_per_class(train, config.replay_per_class)
+        self.val_samples = run.samples("val")
+        self.x_val, self.y_val, _ = load_samples(self.val_samples, self.spec)
+        self.references: dict[str, np.ndarray] = {}
+        self.keras_acc = None
+        if config.verify and len(self.x_val):
+            self.references["backbone"] = np.asarray(run.backbone_model.predict(self.x_val, batch_size=32, verbose=0),
+                                                     np.float32)
+            # The classifier is head(backbone(x)): its reference reuses the backbone pass above.
+            self.references["classifier"] = np.asarray(
+                run.head_model.predict(self.references["backbone"], batch_size=256, verbose=0), np.float32)
+            self.keras_acc = float((self.references["classifier"].argmax(1) == self.y_val).mean())
+        self.entries: list[tuple[str, dict]] = []
+        self.verification: list[dict] = []
+        self.extra_heads: dict[str, str] = {}  # backbone file -> its re-fitted head's file
+        self.teacher = None  # (photo paths, the float model's probabilities on them), computed once
+
+    def start(self, staging: Path) -> None:
+        self.staging = staging
+        self.work = staging / ".work"
+        self.work.mkdir()
+        self.metadata = {"labels": _json(self.run.labels), "preprocessing": _json(self.spec.to_dict()),
+                         "backbone": _json(self.run.backbone_identity), "edgetl_version": __version__}
+        models = {"classifier": self.run.classifier, "backbone": self.run.backbone_model}
+        self.sources = {r: ExportSource(r, models[r], self.work, self.x_cal[: self.config.calibration_images],
+                                        {**self.metadata, "role": r}) for r in MODEL_ROLES}
+
+    def _step(self) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress("export", self.done, self.total)
+
+    def head_file(self, plan: Plan) -> None:
+        """A format made from the head's arrays (the trainable head)."""
+        role = plan.files[0]
+        name = file_name(role, plan.fmt, plan.precision)
+        src = ExportSource(role, None, self.work, self.x_cal[:0], self.metadata, head=self.head_layers)
+        info = importlib.import_module(plan.fmt.module).export(src, self.staging / name, plan.precision, self.config)
+        self.entries.append((name, {"role": role, "format": file_format(plan.fmt), "precision": plan.precision,
+                                    "runtime": plan.fmt.runtime, **info}))
+        self._step()
+
+    def model_files(self, plan: Plan) -> None:
+        """A format converted from the Keras models: the backbone first, since a calibrated
+        precision's backbone file gets its own re-fitted head (see _refit_head), which its
+        classifier file is then converted with."""
+        module = importlib.import_module(plan.fmt.module)
+        head = self.head_layers
+        for role in plan.convert:
+            name = file_name(role, plan.fmt, plan.precision)
+            where = self.staging if role in plan.files else self.work
+            source = self.sources[role]
+            if role == "classifier" and head is not self.head_layers:
+                source = ExportSource("classifier", _classifier_with_head(self.run, head), self.work,
+                                      self.x_cal[: self.config.calibration_images],
+                                      {**self.metadata, "role": "classifier"})
+            info = module.export(source, where / name, plan.precision, self.config)
+            train_features = None  # this backbone file's features of the training photos
+            refit_info = None
+            if role == "backbone" and plan.refit:
+                train_features = backbone_features(where / name, self.run.samples("train"), self.spec,
+                                                   self.config.threads)
+                if self.teacher is None or self.teacher[0] != train_features[2]:
+                    self.teacher = (train_features[2], _teacher_probs(self.run.backbone_model, self.head_layers,
+                                                                      train_features[2], self.spec))
+                head, refit_info = _refit_head(train_features, self.head_layers, self.teacher[1])
+                if role in plan.files and head is not self.head_layers:
+                    head_name = f"head_{name.replace('.', '_')}.npz"
+                    save_head(self.staging / head_name, head)
+                    self.extra_heads[name] = head_name
+            if role not in plan.files:
+                continue
+            entry = {"role": role, "format": file_format(plan.fmt), "precision": plan.precision,
+                     "runtime": plan.fmt.runtime,
+                     "input": info["input"], "output": info["output"], **info.get("entry", {})}
+            if "quantization" in info:  # the recipe, and for mixed int8 the layers kept in float
+                entry["quantization"] = info["quantization"]
+            if refit_info is not None and role == "backbone":
+                entry["head_refit"] = {**REFIT_CONFIG.__dict__, "targets": "float model probabilities",
+                                       "held_out_every": REFIT_HOLDOUT_EVERY, **refit_info}
+            if head is not self.head_layers:
+                if role == "backbone":
+                    entry["head"] = self.extra_heads[name]
+                else:  # converted with the head re-fitted for this precision's backbone file
+                    entry["head_refit"] = {"from": file_name("backbone", plan.fmt, plan.precision)}
+            if plan.verify and len(self.x_val):
+                self._verify(plan, name, role, entry, head)
+            if role == "backbone" and self.replay_samples:
+                entry["replay"] = self._replay(name, train_features)
+            self.entries.append((name, entry))
+            self._step()
+
+    def _verify(self, plan: Plan, name: str, role: str, entry: dict, head: Layers) -> None:
+        v = verify_file(self.staging / name, role, self.x_val, self.y_val, self.references[role], head, self.keras_acc,
+                        self.references["classifier"].argmax(1), self.config.threads)
+        v.update({"file": name, "role": role, "format": plan.fmt.name, "precision": plan.precision})
+        self.verification.append(v)
+        entry["verification"] = {k: v[k] for k in ("accuracy", "top1_agreement", "accuracy_drop_points")}
+        if plan.gate:
+            _gate(v, self.config.max_drop)
+
+    def _replay(self, name: str, train_features) -> str:
+        if train_features is None:
+            feats, labels, _ = backbone_features(self.staging / name, self.replay_samples, self.spec,
+                                                 self.config.threads)
+        else:  # the refit's features of all training photos hold the replay photos' too
+            row = {path: i for i, path in enumerate(train_features[2])}
+            rows = [row[str(x.path)] for x in self.replay_samples if str(x.path) in row]
+            feats, labels = train_features[0][rows], train_features[1][rows]
+        return _write_replay(self.staging, name, feats, labels)
+
+    def finish(self, target: Path) -> tuple[dict, dict]:
+        """The self-test references, head, labels, report and manifest; returns (report, manifest)."""
+        staging, head_layers, run, spec = self.staging, self.head_layers, self.run, self.spec
+        shutil.rmtree(self.work, ignore_errors=True)
+        self_test = None
+        if self.config.verify and self.val_samples:
+            self_test = _write_self_test(staging, self.entries, self.val_samples, spec, run.backbone_model,
+                                         run.head_model, head_layers, self.extra_heads, self.config.threads)
         save_head(staging / "head.npz", head_layers)
         atomic_write_text(staging / "labels.txt", "\n".join(run.labels) + "\n")
         report = {
-            "bundle": str(target), "run_dir": str(run.dir), "keras_accuracy": keras_acc,
-            "num_val_images": int(len(x_val)), "calibration_images": int(min(calibration_images, len(x_cal))),
-            "max_drop_points": max_drop, "files": verification,
+            "bundle": str(target), "run_dir": str(run.dir), "keras_accuracy": self.keras_acc,
+            "num_val_images": int(len(self.x_val)),
+            "calibration_images": int(min(self.config.calibration_images, len(self.x_cal))),
+            "max_drop_points": self.config.max_drop, "files": self.verification,
         }
         atomic_write_json(staging / "export_report.json", report)
-
-        files = [file_entry(staging, n, e.pop("role"), **e) for n, e in entries]
-        files.append(file_entry(staging, "head.npz", "head", format="npz",
-                                layers=[list(w.shape) for w, _ in head_layers], activation="relu", output="softmax"))
-        for n, e in entries:
+        head_shape = {"layers": [list(w.shape) for w, _ in head_layers], "activation": "relu", "output": "softmax"}
+        files = [file_entry(staging, n, e.pop("role"), **e) for n, e in self.entries]
+        files.append(file_entry(staging, "head.npz", "head", format="npz", **head_shape))
+        for n, e in self.entries:
             if "replay" in e:
                 files.append(file_entry(staging, e["replay"], "replay", format="npz", backbone=n))
             if "head" in e:
-                files.append(file_entry(staging, e["head"], "head", format="npz", backbone=n,
-                                        layers=[list(w.shape) for w, _ in head_layers], activation="relu",
-                                        output="softmax"))
+                files.append(file_entry(staging, e["head"], "head", format="npz", backbone=n, **head_shape))
         if self_test is not None:
             files.append(file_entry(staging, REFERENCES, "references", format="npz"))
         files.append(file_entry(staging, "labels.txt", "labels", format="text"))
@@ -304,19 +323,11 @@ def export_run(
             "backbone": run.backbone_identity,
             "files": files,
             "tools": tool_versions(),
-            "verification": {"keras_accuracy": keras_acc, "num_images": int(len(x_val))},
+            "verification": {"keras_accuracy": self.keras_acc, "num_images": int(len(self.x_val))},
         }
         if self_test is not None:
             manifest["self_test"] = self_test
-        commit_bundle(staging, target, manifest, force=force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    report["manifest"] = manifest
-    if make_zip:
-        report["zip"] = str(zip_bundle(target, target.with_suffix(".zip")))
-    report["seconds"] = round(time.perf_counter() - t_start, 2)
-    return report
+        return report, manifest
 
 
 def _write_self_test(staging: Path, entries: list, val_samples: list[Sample], spec, backbone, head_model,
@@ -343,7 +354,6 @@ def _write_self_test(staging: Path, entries: list, val_samples: list[Sample], sp
     return {"file": REFERENCES, "photos": len(refs), "verified_on": cpu_fingerprint()}
 
 
-REFIT_PRECISIONS = ("int8",)
 # Distillation of the float model into the int8 file's head (see _refit_head): full batch, no
 # re-weighting, no L2 (the target is the float model itself), at most REFIT_CONFIG.epochs steps,
 # stopped early on held-out training photos.
@@ -437,8 +447,6 @@ def _classifier_with_head(run, layers: Layers):
 
 
 def _gate(v: dict, max_drop: float) -> None:
-    if v["precision"] != "int8":
-        return
     if v["accuracy_drop_points"] > max_drop:
         raise ExportError(
             f"{v['file']}: int8 accuracy {100 * v['accuracy']:.2f}% is {v['accuracy_drop_points']:.2f} points below "

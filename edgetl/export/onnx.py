@@ -16,7 +16,8 @@ import numpy as np
 from ..errors import ExportError
 from ..fileio import atomic_write_bytes
 from .checks import check_onnx
-from .common import ExportOptions, ExportSource
+from .common import ExportSource
+from .config import ExportConfig
 
 log = logging.getLogger("edgetl")
 
@@ -86,7 +87,7 @@ class _Calibration:
         self.i = 0
 
 
-def export(source: ExportSource, path: Path, precision: str, options: ExportOptions) -> dict:
+def export(source: ExportSource, path: Path, precision: str, options: ExportConfig) -> dict:
     import onnx
 
     model_proto = _float_model(source, options.opset)

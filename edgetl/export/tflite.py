@@ -7,11 +7,12 @@ from pathlib import Path
 from ..errors import ExportError
 from ..fileio import atomic_write_bytes
 from .checks import check_tflite
-from .common import ExportOptions, ExportSource
+from .common import ExportSource
+from .config import ExportConfig
 from .quantization import QuantizationConfig
 
 
-def export(source: ExportSource, path: Path, precision: str, options: ExportOptions) -> dict:
+def export(source: ExportSource, path: Path, precision: str, options: ExportConfig) -> dict:
     import tensorflow as tf
 
     if precision == "int8" and not options.full_integer:
@@ -26,6 +27,7 @@ def export(source: ExportSource, path: Path, precision: str, options: ExportOpti
     atomic_write_bytes(path, flatbuffer)
     info = check_tflite(path, precision, quant.io if precision == "int8" else "float",
                         float_ops=quant.float_ops, mixed=quant.float_error is not None)
+    info["entry"] = {"flex_ops": bool(info["flex_or_custom_ops"])}  # the manifest entry's TFLite-only field
     if precision == "int8" and not options.full_integer:
         info["quantization"] = {"float_ops": list(quant.float_ops), "float_error_threshold": quant.float_error,
                                 "float_layers": float_layers}

@@ -25,7 +25,8 @@ import numpy as np
 from ..errors import ConfigError, ExportError
 from ..fileio import atomic_write_bytes
 from ..head_arrays import Layers, pad_to_slots
-from .common import ExportOptions, ExportSource
+from .common import ExportSource
+from .config import ExportConfig
 
 SIGNATURES = ("infer", "train", "save", "restore")
 
@@ -128,7 +129,7 @@ def custom_ops(flatbuffer: bytes) -> list[str]:
     return names
 
 
-def export(source: ExportSource, path: Path, precision: str, options: ExportOptions) -> dict:
+def export(source: ExportSource, path: Path, precision: str, options: ExportConfig) -> dict:
     import shutil
 
     import tensorflow as tf
@@ -140,7 +141,7 @@ def export(source: ExportSource, path: Path, precision: str, options: ExportOpti
         raise ExportError("tflite-trainable supports softmax regression or one hidden layer; "
                           f"this head has {0 if layers is None else len(layers) - 1} hidden layers")
     max_classes = options.max_classes or layers[-1][0].shape[1]
-    module = build_module(layers, max_classes, options.train_lr, options.train_l2)
+    module = build_module(layers, max_classes, options.trainable_lr, options.trainable_l2)
     saved = source.workdir / "saved_model_trainable"
     tf.saved_model.save(module, str(saved), signatures={name: getattr(module, name).get_concrete_function()
                                                         for name in SIGNATURES})
@@ -172,7 +173,7 @@ def export(source: ExportSource, path: Path, precision: str, options: ExportOpti
         "builtins_only": True,
         "max_classes": int(max_classes),
         "live_slots": [int(i) for i in np.flatnonzero(mask)],
-        "optimizer": {"name": "sgd", "learning_rate": options.train_lr, "l2": options.train_l2},
+        "optimizer": {"name": "sgd", "learning_rate": options.trainable_lr, "l2": options.trainable_l2},
         "hidden_layers": len(layers) - 1,
         "input": {"name": "feature", "shape": [-1, int(layers[0][0].shape[0])], "dtype": "float32"},
         "output": {"name": "probabilities", "shape": [-1, int(max_classes)], "dtype": "float32"},
