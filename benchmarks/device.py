@@ -78,7 +78,7 @@ t_start = float(sys.argv[3])
 from pathlib import Path
 import numpy as np
 from edgetl.device import Learner, HeadTrainConfig
-from edgetl.benchmark import peak_rss_mb
+from edgetl.bench.benchmark import peak_rss_mb
 from edgetl import preprocess
 bundle, backend, rounds = sys.argv[1], sys.argv[2], int(sys.argv[5])
 photos = [Path(p) for p in json.loads(sys.argv[4])]

@@ -89,7 +89,8 @@ def main() -> None:
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() - t0 > 120:
-                    raise SystemExit(f"the server did not start: {server.stdout.read() if server.poll() else ''}")
+                    out = server.stdout.read() if server.poll() is not None else ""
+                    raise SystemExit(f"the server did not start: {out}") from None
                 time.sleep(0.2)
         bodies = [multipart(p) for p in photos]
         for body, ctype in bodies[:3]:  # warm-up

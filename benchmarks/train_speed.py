@@ -47,7 +47,7 @@ def seeds_recipe(train_dir: Path, test_dir: Path, epochs: int, alpha: float, siz
 
 
 def edgetl_recipe(train_dir: Path, test_dir: Path, epochs: int, alpha: float, size: int) -> dict:
-    from edgetl.predictor import evaluate, open_predictor
+    from edgetl.predict import evaluate, open_predictor
     from edgetl.train import TrainConfig, train
 
     out = Path(tempfile.mkdtemp(prefix="edgetl-speed-"))

@@ -40,7 +40,7 @@ def test_every_command_has_help():
 @pytest.mark.device
 def test_import_and_help_do_not_import_tensorflow():
     code = (
-        "import sys, edgetl, edgetl.preprocess, edgetl.data, edgetl.predictor, edgetl.runtime\n"
+        "import sys, edgetl, edgetl.preprocess, edgetl.data, edgetl.predict, edgetl.runtime\n"
         "from click.testing import CliRunner\n"
         "from edgetl.cli import cli\n"
         "r = CliRunner().invoke(cli, ['--help'])\n"

@@ -435,7 +435,7 @@ def test_wrong_model_file_is_named(tmp_path):
 def test_bench_of_a_run_exports_each_row_and_compares_with_keras(tiny_run, tiny_data, tmp_path, monkeypatch):
     import tempfile
 
-    from edgetl.benchmark import bench
+    from edgetl.bench import bench
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # what bench writes there must be gone after
     result = bench(tiny_run, tiny_data["val"], targets=["tflite:fp32+int8", "onnx:fp32"], runs=2, warmup=0,

@@ -75,7 +75,7 @@ def test_second_run_reuses_the_cache_and_gives_the_same_head(tiny_run, tiny_data
 
 
 def test_reloaded_run_reproduces_validation_accuracy(tiny_run, tiny_data):
-    from edgetl.predictor import evaluate, open_predictor
+    from edgetl.predict import evaluate, open_predictor
 
     report = evaluate(open_predictor(tiny_run), tiny_data["val"])
     run = json.loads((tiny_run / "run.json").read_text())

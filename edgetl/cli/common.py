@@ -143,6 +143,14 @@ def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=_json_default))
 
 
+def emit(obj, as_json: bool, line: str) -> None:
+    """A command's result: its JSON document with --json, else one line for a person."""
+    if as_json:
+        emit_json(obj)
+    else:
+        click.echo(line)
+
+
 def _json_default(o):
     import numpy as np
 
@@ -201,6 +209,16 @@ class ProgressBars:
         if stage not in self._tasks:
             self._tasks[stage] = self._progress.add_task(stage, total=total)
         self._progress.update(self._tasks[stage], completed=done, total=total)
+
+
+def report_predictions(doc: dict, as_json: bool) -> None:
+    """``predict``'s result (``doc["predictions"]``): JSON or a table; exit status 1 when a photo failed."""
+    if as_json:
+        emit_json(doc)
+    else:
+        print_predictions(doc["predictions"])
+    if any("error" in p for p in doc["predictions"]):
+        raise SystemExit(1)
 
 
 def print_predictions(predictions: list[dict]) -> None:

@@ -14,7 +14,7 @@ from ..device.headtrain import OPTIMIZERS, HeadTrainConfig
 from ..device.tflite_trainer import config_for
 from ..formats import BACKENDS, PRECISIONS
 from ..selftest import describe_cpu
-from .common import emit_json, handle_errors, json_option, print_predictions, print_table, setup_logging
+from .common import emit, emit_json, handle_errors, json_option, print_table, report_predictions, setup_logging
 
 TRAINERS = ("numpy", "tflite")
 MODES = ("head", "ncm")
@@ -47,10 +47,16 @@ def _device_options(at_group: bool):
     ]
 
 
-def device_command(*args, **kwargs):
-    """``@device.command`` whose function also takes the device options (given after the subcommand)."""
+def device_command(*args, json_output: bool = True, **kwargs):
+    """``@device.command`` for ``fn(ctx, ...)``: it also takes the device options (given after the
+    subcommand) and ``--json`` (unless ``json_output=False``), and its errors are reported as
+    every command's are (:func:`handle_errors`)."""
 
     def decorate(fn):
+        fn = click.pass_context(handle_errors(fn))
+        if json_output:
+            fn = json_option(fn)
+
         @functools.wraps(fn)
         def wrapper(*a, **kw):
             ctx = click.get_current_context()
@@ -102,9 +108,6 @@ def _learner(ctx, readonly: bool = False):
 
 
 @device_command()
-@json_option
-@click.pass_context
-@handle_errors
 def info(ctx, as_json):
     """The bundle, backbone, store, active head and stored samples."""
     d = _learner(ctx, readonly=True).info()
@@ -125,9 +128,6 @@ def info(ctx, as_json):
 
 
 @device_command()
-@json_option
-@click.pass_context
-@handle_errors
 def check(ctx, as_json):
     """Run every model file of the bundle on this CPU against its self-test references.
 
@@ -157,9 +157,6 @@ def check(ctx, as_json):
               "existing one only in case ('Tulips' beside 'tulips').")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage type of the features.")
-@json_option
-@click.pass_context
-@handle_errors
 def add(ctx, label, images, new_class, dtype, as_json):
     """Store labelled IMAGES (files, folders or glob patterns) as features.
 
@@ -192,9 +189,6 @@ def add(ctx, label, images, new_class, dtype, as_json):
               help=f"L2 weight decay (default {_H.l2}; with --trainer tflite: the bundle's).")
 @click.option("--no-balance", is_flag=True, help="Do not weight classes inversely to their sample counts.")
 @click.option("--seed", type=int, default=_H.seed, show_default=True, help="Random seed (sample order).")
-@json_option
-@click.pass_context
-@handle_errors
 def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, seed, as_json):
     """Retrain the head on the stored samples plus the bundle's replay features."""
     learner = _learner(ctx)
@@ -225,27 +219,16 @@ def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, see
               help="How many of the best labels to show per image.")
 @click.option("--mode", type=click.Choice(list(MODES)), default="head", show_default=True,
               help="head: the trained head; ncm: nearest class mean of stored samples (no training needed).")
-@json_option
-@click.pass_context
-@handle_errors
 def predict(ctx, images, top_k, mode, as_json):
     """Classify IMAGES (files, folders or glob patterns) with the active head (or nearest class mean)."""
     r = _learner(ctx, readonly=True).predict([str(i) for i in expand_images(list(images))], top_k=top_k, mode=mode)
-    if as_json:
-        emit_json(r)
-    else:
-        print_predictions(r["predictions"])
-    if any("error" in p for p in r["predictions"]):
-        raise SystemExit(1)
+    report_predictions(r, as_json)
 
 
 @device_command("eval")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--mode", type=click.Choice(list(MODES)), default="head", show_default=True,
               help="head: the active head; ncm: nearest class mean.")
-@json_option
-@click.pass_context
-@handle_errors
 def eval_cmd(ctx, data_dir, mode, as_json):
     """Accuracy on DATA_DIR (one sub-folder per class), for the bundle's classes and the new ones apart."""
     r = _learner(ctx, readonly=True).evaluate(data_dir, mode=mode)
@@ -267,9 +250,6 @@ def eval_cmd(ctx, data_dir, mode, as_json):
 @device_command("export")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
-@json_option
-@click.pass_context
-@handle_errors
 def export_cmd(ctx, out, force, as_json):
     """Write the personalized head, its labels and replay features as a new bundle.
 
@@ -287,9 +267,6 @@ def export_cmd(ctx, out, force, as_json):
 
 
 @device_command()
-@json_option
-@click.pass_context
-@handle_errors
 def history(ctx, as_json):
     """Head versions, newest last; the active one is marked."""
     h = _learner(ctx, readonly=True).history()
@@ -304,30 +281,18 @@ def history(ctx, as_json):
 
 @device_command()
 @click.argument("version", type=click.IntRange(min=1), required=False)
-@json_option
-@click.pass_context
-@handle_errors
 def rollback(ctx, version, as_json):
     """Make head VERSION active again (default: the active head's parent)."""
     r = _learner(ctx).rollback(version)
-    if as_json:
-        emit_json(r)
-    else:
-        click.echo(f"active head: version {r['version']} ({', '.join(r['labels'])})")
+    emit(r, as_json, f"active head: version {r['version']} ({', '.join(r['labels'])})")
 
 
 @device_command()
 @click.argument("label")
-@json_option
-@click.pass_context
-@handle_errors
 def remove(ctx, label, as_json):
     """Delete a label's samples and stop predicting it (rollback restores the head)."""
     r = _learner(ctx).remove(label)
-    if as_json:
-        emit_json(r)
-    else:
-        click.echo(f"removed {r['label']!r}: {r['samples_deleted']} sample(s) deleted; active head {r['version']}")
+    emit(r, as_json, f"removed {r['label']!r}: {r['samples_deleted']} sample(s) deleted; active head {r['version']}")
 
 
 def _lan_address() -> str | None:
@@ -366,7 +331,7 @@ def _token_for(store: Path, host: str, given: str | None) -> tuple[str | None, s
     return token, f"new; kept in {path} (delete it to make another)"
 
 
-@device_command()
+@device_command(json_output=False)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 is every network (needs a token).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="TCP port.")
@@ -380,8 +345,6 @@ def _token_for(store: Path, host: str, given: str | None) -> tuple[str | None, s
               help="Largest photo accepted per upload.")
 @click.option("--max-files", type=click.IntRange(min=1), default=64, show_default=True,
               help="Most photos accepted per upload request.")
-@click.pass_context
-@handle_errors
 def serve(ctx, host, port, token, certfile, keyfile, max_file_mb, max_files):
     """Serve the HTTP API and the web page that teaches this device from a phone.
 

@@ -127,7 +127,7 @@ def bench(model, data_dir, targets, runs, warmup, calibration_images, max_drop, 
     one thread and with all threads, and peak memory of a process running the file.
     """
     quiet_tensorflow()
-    from ..benchmark import bench as run_bench
+    from ..bench import bench as run_bench
 
     with ProgressBars() as bars:
         result = run_bench(model, data_dir, targets=list(targets) or None, runs=runs, warmup=warmup, threads=threads,

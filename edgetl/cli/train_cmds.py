@@ -15,9 +15,9 @@ from .common import (
     emit_json,
     handle_errors,
     json_option,
-    print_predictions,
     print_table,
     quiet_tensorflow,
+    report_predictions,
     threads_option,
 )
 
@@ -186,7 +186,7 @@ def eval_cmd(model, data_dir, labels, backend, precision, threads, batch_size, p
     Class folders are matched to the model's labels by name.
     """
     quiet_tensorflow()
-    from ..predictor import evaluate, open_predictor
+    from ..predict import evaluate, open_predictor
 
     predictor = open_predictor(model, labels=labels, threads=threads, backend=backend, precision=precision)
     with ProgressBars() as bars:
@@ -221,16 +221,11 @@ def predict(model, images, labels, backend, precision, threads, top_k, as_json):
 
     files = expand_images(list(images))
     quiet_tensorflow()
-    from ..predictor import open_predictor, predict_files
+    from ..predict import open_predictor, predict_files
 
     predictor = open_predictor(model, labels=labels, threads=threads, backend=backend, precision=precision)
     result = predict_files(predictor, files, top_k)
-    if as_json:
-        emit_json(result)
-    else:
-        print_predictions(result["predictions"])
-    if any("error" in p for p in result["predictions"]):
-        raise SystemExit(1)
+    report_predictions(result, as_json)
 
 
 @click.command()

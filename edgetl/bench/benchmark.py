@@ -1,7 +1,7 @@
 """``edgetl bench``: one row per format x precision: status, size, accuracy, latency, memory.
 
 Latency and peak memory are measured in a fresh subprocess per file and thread count
-(``python -m edgetl.benchmark FILE``), so one file's memory never counts against another's and
+(``python -m edgetl.bench.benchmark FILE``), so one file's memory never counts against another's and
 the worker imports no TensorFlow. One failing format never stops the table.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgetlError
+from ..errors import EdgetlError
 
 log = logging.getLogger("edgetl")
 Progress = Callable[[str, int, int], None]
@@ -46,7 +46,7 @@ def peak_rss_mb() -> float:
 
 def measure_file(path: str | Path, threads: int, runs: int = 30, warmup: int = 3, seed: int = 0) -> dict:
     """Batch-1 latency (p50/p95 ms) of a model file, in this process."""
-    from .runtime import open_model
+    from ..runtime import open_model
 
     runner = open_model(path, threads=threads)
     size = runner.input_size or 224
@@ -68,7 +68,7 @@ def measure_file(path: str | Path, threads: int, runs: int = 30, warmup: int = 3
 
 
 def measure_in_subprocess(path: str | Path, threads: int, runs: int, warmup: int) -> dict:
-    cmd = [sys.executable, "-m", "edgetl.benchmark", str(path), "--threads", str(threads),
+    cmd = [sys.executable, "-m", "edgetl.bench.benchmark", str(path), "--threads", str(threads),
            "--runs", str(runs), "--warmup", str(warmup)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -127,10 +127,10 @@ def bench(
 
 def _bench(source, data_dir, targets, runs, warmup, threads_all, calibration_images, max_drop, io, progress,
            full_integer, is_run, cleanup) -> dict:
-    from .data import load_samples, scan_folder
-    from .formats import FORMATS, parse_targets
-    from .predictor import FilePredictor, open_predictor
-    from .runtime import open_model
+    from ..data import load_samples, scan_folder
+    from ..formats import FORMATS, parse_targets
+    from ..predict import FilePredictor, open_predictor
+    from ..runtime import open_model
 
     rows: list[dict] = []
     keras_acc = None
@@ -157,7 +157,7 @@ def _bench(source, data_dir, targets, runs, warmup, threads_all, calibration_ima
         for fmt, precision in wanted:
             items.append((fmt.name, precision, work / f"{fmt.name}_{precision}"))
     else:
-        from .bundle import open_bundle
+        from ..bundle import open_bundle
 
         b = open_bundle(source)
         cleanup.callback(b.close)
@@ -168,12 +168,12 @@ def _bench(source, data_dir, targets, runs, warmup, threads_all, calibration_ima
         row = {"format": fmt_name, "precision": precision}
         try:
             if is_run:
-                from .export import export_run
+                from ..export import export_run
 
                 export_run(source, where, targets=[f"{fmt_name}:{precision}"], roles=("classifier",), io=io,
                            full_integer=full_integer, calibration_images=calibration_images, verify=False,
                            replay_per_class=0)
-                from .bundle import open_bundle
+                from ..bundle import open_bundle
 
                 b = open_bundle(where)
                 path = b.path(b.pick("classifier"))

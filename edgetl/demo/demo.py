@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import scan_folder
-from .errors import ConfigError, DataError
-from .fileio import atomic_write_json
+from ..data import scan_folder
+from ..errors import ConfigError, DataError
+from ..fileio import atomic_write_json
 
 MARKER = ".edgetl-demo"
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
@@ -73,9 +73,9 @@ def _accuracy(predictions: list[dict], truth: list[str]) -> float:
 
 
 def _run(out: Path, t0: float, data, holdout, per_class, new_shots, alpha, size, weights, say: Say) -> dict:
-    from .device import Learner
-    from .export import export_run
-    from .train import TrainConfig, train
+    from ..device import Learner
+    from ..export import export_run
+    from ..train import TrainConfig, train
 
     src = Path(data) if data else fetch_flowers()
     folder = scan_folder(src, min_classes=3)
