@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import BundleError, DataError
 from .fileio import atomic_write_json, commit_dir, make_staging_dir, sha256_file
-from .formats import PREFERENCE, runs_format
+from .formats import FILE_ROLES, PREFERENCE, runs_format
 from .head_arrays import Layers, load_head
 from .labels import check_label
 from .preprocess import Preprocessing
@@ -29,7 +29,7 @@ from .preprocess import Preprocessing
 BUNDLE_FORMAT = "edgetl-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-ROLES = ("classifier", "backbone", "head", "replay", "trainable_head", "labels", "report", "references")
+ROLES = (*FILE_ROLES, "head", "replay", "labels", "report", "references")  # model files, then data files
 DIGEST_FIELD = "manifest_sha256"
 # Zip bundles are extracted (to a private temp folder removed when the bundle is closed or
 # collected) only within these bounds, checked on the zip's directory before a byte is written.

@@ -68,6 +68,12 @@ FORMATS: dict[str, Format] = {
     ),
 }
 
+# The roles of model files: made from the run's Keras models (in conversion order: a re-fitted
+# head needs its backbone file first), and every role a format's files have.
+MODEL_ROLES = ("backbone", "classifier")
+FILE_ROLES = tuple(dict.fromkeys(r for f in FORMATS.values() for r in f.roles))
+assert all(set(f.roles) <= set(MODEL_ROLES) for f in FORMATS.values() if not f.from_head)
+
 # Device preference when a bundle holds several files of one role.
 PREFERENCE = (("tflite", "int8"), ("tflite", "dynamic"), ("tflite", "fp16"), ("tflite", "fp32"),
               ("onnx", "int8"), ("onnx", "fp32"))

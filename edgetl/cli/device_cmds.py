@@ -11,6 +11,7 @@ import click
 
 from ..data import expand_images
 from ..device.headtrain import OPTIMIZERS, HeadTrainConfig
+from ..device.service import Limits
 from ..device.tflite_trainer import config_for
 from ..formats import BACKENDS, PRECISIONS
 from ..selftest import describe_cpu
@@ -21,6 +22,7 @@ MODES = ("head", "ncm")
 
 
 _H = HeadTrainConfig()  # the NumPy trainer's defaults, read (never re-typed) for the help texts
+_LIMITS = Limits()  # the service's upload limits, likewise
 _PHONE = inspect.signature(config_for).parameters  # the phone trainer's epochs and batch size
 _KEYS = ("bundle", "store", "backend", "precision", "threads", "trainer")
 
@@ -341,9 +343,9 @@ def _token_for(store: Path, host: str, given: str | None) -> tuple[str | None, s
 @click.option("--certfile", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TLS certificate (PEM): serve HTTPS, which phone browsers need to open the camera live.")
 @click.option("--keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
-@click.option("--max-file-mb", type=click.FloatRange(min=0.1), default=20.0, show_default=True,
-              help="Largest photo accepted per upload.")
-@click.option("--max-files", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--max-file-mb", type=click.FloatRange(min=0.1), default=_LIMITS.max_file_bytes / 2**20,
+              show_default=True, help="Largest photo accepted per upload.")
+@click.option("--max-files", type=click.IntRange(min=1), default=_LIMITS.max_files, show_default=True,
               help="Most photos accepted per upload request.")
 def serve(ctx, host, port, token, certfile, keyfile, max_file_mb, max_files):
     """Serve the HTTP API and the web page that teaches this device from a phone.
@@ -360,7 +362,7 @@ def serve(ctx, host, port, token, certfile, keyfile, max_file_mb, max_files):
 
     from ..device import Learner
     from ..device.learner import default_store_path
-    from ..device.service import Limits, check_binding, create_app
+    from ..device.service import check_binding, create_app
 
     if (certfile is None) != (keyfile is None):
         raise click.UsageError("give both --certfile and --keyfile, or neither", ctx=ctx)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..export.config import MODEL_ROLES, ExportConfig
-from ..formats import FORMATS, IO_TYPES
+from ..export.config import ExportConfig
+from ..formats import FORMATS, IO_TYPES, MODEL_ROLES
 from .common import (
     ProgressBars,
     default,

@@ -23,6 +23,7 @@ from .. import __version__
 from ..bundle import BUNDLE_FORMAT, FORMAT_VERSION, commit_bundle, file_entry, make_staging
 from ..errors import BundleError
 from ..fileio import atomic_write_bytes, atomic_write_text
+from ..formats import FILE_ROLES
 from ..head_arrays import save_head
 
 
@@ -73,6 +74,6 @@ def export_personalized(learner, out: str | Path, force: bool = False) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     left_out = [f["file"] for f in learner.bundle.files
-                if f["role"] in ("classifier", "backbone", "trainable_head") and f["file"] != entry["file"]]
+                if f["role"] in FILE_ROLES and f["file"] != entry["file"]]
     return {"bundle": str(target), "labels": labels, "backbone_file": entry["file"], "head_version": head.version,
             "replay_samples": int(len(x)), **counts, "left_out": left_out}

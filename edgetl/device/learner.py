@@ -26,7 +26,7 @@ import numpy as np
 from .. import preprocess
 from ..bundle import Bundle, open_bundle
 from ..errors import BundleError, ConfigError, DataError, EdgetlError, StoreError
-from ..formats import FORMATS
+from ..formats import FORMATS, MODEL_ROLES
 from ..head_arrays import head_predict
 from ..labels import check_label, printable, storable
 from ..metrics import top_k as top_k_labels
@@ -569,7 +569,7 @@ class Learner:
             raise BundleError(f"bundle {self.bundle.source} carries no self-test references (exported by an older "
                               "edgetl, or with --no-verify); re-export it to check it on this device")
         results = []
-        for entry in [e for e in self.bundle.files if e["role"] in ("backbone", "classifier")]:
+        for entry in [e for e in self.bundle.files if e["role"] in MODEL_ROLES]:
             try:
                 results.append(self.check_file(entry))
             except EdgetlError as exc:  # e.g. its runtime is not installed here

@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ..errors import ConfigError
-from ..formats import FLOAT_ERROR, IO_TYPES, Format, parse_targets
-
-MODEL_ROLES = ("backbone", "classifier")  # conversion order: a re-fitted head needs the backbone first
+from ..formats import FLOAT_ERROR, IO_TYPES, MODEL_ROLES, Format, parse_targets
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class Plan:
 @dataclass(frozen=True)
 class ExportConfig:
     targets: tuple[str, ...] = ("tflite:fp32", "tflite:int8")
-    roles: tuple[str, ...] = MODEL_ROLES[::-1]  # classifier, backbone
+    roles: tuple[str, ...] = MODEL_ROLES
     io: str = "int8"  # int8 | uint8 | float: I/O type of full-integer TFLite files
     calibration_images: int = 200  # training photos that calibrate int8 (balanced over classes)
     verify: bool = True

@@ -28,7 +28,7 @@ from ..data import Sample, load_samples
 from ..device.headtrain import HeadTrainConfig, train_head
 from ..errors import ConfigError, ExportError
 from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..formats import file_format, file_name
+from ..formats import MODEL_ROLES, file_format, file_name
 from ..head_arrays import Layers, head_predict, save_head
 from ..metrics import cosine
 from ..runtime import open_model, run_batched
@@ -43,7 +43,7 @@ from ..selftest import (
 )
 from ..selftest import measure as measure_file
 from .common import ExportSource
-from .config import MODEL_ROLES, ExportConfig, Plan
+from .config import ExportConfig, Plan
 
 log = logging.getLogger("edgetl")
 Progress = Callable[[str, int, int], None]
@@ -346,7 +346,7 @@ def _write_self_test(staging: Path, entries: list, val_samples: list[Sample], sp
     atomic_write_bytes(staging / REFERENCES, encode_references(blobs, pixels, features, probs, labels))
     refs = References(staging / REFERENCES)
     for name, entry in entries:
-        if entry["role"] not in ("backbone", "classifier"):
+        if entry["role"] not in MODEL_ROLES:
             continue
         head = load_head(staging / extra_heads[name]) if name in extra_heads else head_layers
         m = measure_file(open_model(staging / name, threads=threads), refs, spec, entry["role"], head)
