@@ -49,7 +49,7 @@ def run_features(run_dir: Path):
 
 
 def workstation(run_dir: Path, ref_path: Path) -> list[dict]:
-    from edgetl.device.headtrain import choose_l2, solve_softmax
+    from edgetl.head_solver import choose_l2, solve_softmax
 
     run, f = run_features(run_dir)
     ref = np.load(ref_path)

@@ -56,7 +56,7 @@ def test_train_eval_predict_end_to_end(tiny_data, tmp_path):
     runner = CliRunner()
     run_dir = tmp_path / "run"
     res = runner.invoke(cli, ["train", str(tiny_data["train"]), "--out", str(run_dir), "--val", str(tiny_data["val"]),
-                              *TINY_ARGS, "--epochs", "3", "--json"])
+                              *TINY_ARGS, "--final-fit", "train", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["classes"] == ["daisy", "roses", "sunflowers"]

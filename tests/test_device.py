@@ -20,8 +20,9 @@ from click.testing import CliRunner
 
 from edgetl.cli import cli
 from edgetl.device import HeadTrainConfig, Learner, SampleStore
-from edgetl.device.headtrain import class_weights, loss_and_grads, ncm_predict, train_head
+from edgetl.device.headtrain import loss_and_grads, ncm_predict, train_head
 from edgetl.errors import BundleError, StoreError
+from edgetl.head_solver import class_weights
 
 from .helpers import HYMENOPTERA
 from .helpers import ROOT as ROOT_DIR
@@ -412,7 +413,8 @@ def test_head_training_is_deterministic_and_balanced():
 
 
 def test_lbfgs_solves_the_same_problem_to_convergence_from_any_start():
-    from edgetl.device.headtrain import choose_l2, loss_and_grads, solve_softmax
+    from edgetl.device.headtrain import loss_and_grads
+    from edgetl.head_solver import choose_l2, solve_softmax
 
     rng = np.random.default_rng(2)
     x = rng.normal(0, 1, (120, 16)).astype(np.float32)

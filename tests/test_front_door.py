@@ -125,7 +125,7 @@ def test_train_refuses_an_existing_run_and_force_swaps_it_whole(tiny_data, tmp_p
     runner = CliRunner()
     run_dir = tmp_path / "run"
     args = ["train", str(tiny_data["train"]), "--out", str(run_dir), "--val", str(tiny_data["val"]), *TINY_ARGS,
-            "--epochs", "2", "--json"]
+            "--solver", "adam", "--epochs", "2", "--json"]
     r = runner.invoke(cli, args)
     assert r.exit_code == 0, r.output
     first = json.loads(r.stdout)

@@ -74,15 +74,57 @@ def test_second_run_reuses_the_cache_and_gives_the_same_head(tiny_run, tiny_data
         np.testing.assert_allclose(a["W0"], b["W0"], atol=1e-6)
 
 
-def test_reloaded_run_reproduces_validation_accuracy(tiny_run, tiny_data):
+def test_reloaded_run_reproduces_validation_accuracy(tiny_run, tiny_data, tmp_path):
+    """With the head kept as fitted on the training split, the saved model gives exactly the
+    run's validation figures."""
     from edgetl.predict import evaluate, open_predictor
+    from edgetl.train import TrainConfig, train
 
-    report = evaluate(open_predictor(tiny_run), tiny_data["val"])
-    run = json.loads((tiny_run / "run.json").read_text())
+    out = tmp_path / "train_only"
+    shutil.copytree(tiny_run / "cache", out / "cache")
+    train(TrainConfig(data_dir=str(tiny_data["train"]), out_dir=str(out), val_dir=str(tiny_data["val"]), alpha=0.35,
+                      size=96, weights=str(WEIGHTS_035), final_fit="train", seed=0))
+    report = evaluate(open_predictor(out), tiny_data["val"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["head_training"]["fit_on"] == "train"
     assert report["num_images"] == 12
     assert report["accuracy"] == run["val_accuracy"]
-    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     assert report["confusion_matrix"] == metrics["confusion_matrix"]
+
+
+def test_default_head_is_the_converged_solution_on_all_photos(tiny_run):
+    """The default head: L2 by cross-validation on the training split, then solved to convergence
+    on training + validation features; head.npz and model.keras hold that solution."""
+    from edgetl.head_solver import solve_softmax
+    from edgetl.predict import open_predictor
+    from edgetl.train.run import Run
+
+    run = json.loads((tiny_run / "run.json").read_text())
+    h = run["head_training"]
+    assert h["solver"] == "lbfgs" and h["fit_on"] == "train+val" and h["num_fit"] == 36 and h["converged"]
+    assert h["l2"] in [r["l2"] for r in h["cv"]] and h["l2_chosen_by"].startswith("5-fold")
+    r = Run(tiny_run)
+    cache_path = Path(run["feature_cache"]["path"])
+    with np.load(cache_path, allow_pickle=False) as z:
+        cache = dict(zip(z["digests"].tolist(), z["features"]))
+    x, y = [], []
+    for split in ("train", "val"):
+        for s in r.samples(split):
+            x.append(cache[preprocess.load_pixels(s.path, 96)[1]])
+            y.append(s.label)
+    x, y = np.array(x, np.float32), np.array(y)
+    solved, _ = solve_softmax(x, y, 3, h["l2"], balance=True)
+    with np.load(tiny_run / "head.npz") as z:
+        saved = [(z["W0"], z["b0"])]
+    from edgetl.head_arrays import head_predict
+
+    np.testing.assert_allclose(head_predict(x, saved), head_predict(x, solved), atol=1e-3)
+    keras_probs = open_predictor(tiny_run).predict(preprocess.normalize(
+        np.stack([preprocess.load_pixels(s.path, 96)[0] for s in r.samples("val")]), r.preprocessing))
+    np.testing.assert_allclose(keras_probs, head_predict(x[24:], saved), atol=1e-4)
+    # The validation figures are those of the head fitted on the training split alone.
+    assert run["val_accuracy"] == json.loads((tiny_run / "metrics.json").read_text())["accuracy"]
 
 
 def test_bad_files_are_skipped_counted_or_fatal_in_strict_mode(tmp_path):

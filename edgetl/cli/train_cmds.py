@@ -8,7 +8,7 @@ import click
 
 from ..formats import BACKENDS, PRECISIONS
 from ..train.backbones import BACKBONES
-from ..train.config import CLASS_WEIGHTS, DISTRIBUTE, TrainConfig
+from ..train.config import CLASS_WEIGHTS, DISTRIBUTE, FINAL_FITS, SOLVERS, TrainConfig
 from .common import (
     ProgressBars,
     default,
@@ -54,12 +54,22 @@ _T = TrainConfig  # defaults are read from the config dataclass: written once
 @click.option("--size", type=int, default=default(_T, "size"), show_default=True, help="Square input size in pixels.")
 @click.option("--weights", default=default(_T, "weights"), show_default=True,
               help="'imagenet' (Keras cache, downloads when online), a path to an .h5 file, or 'none'.")
+@click.option("--solver", type=click.Choice(list(SOLVERS)), default=default(_T, "solver"), show_default=True,
+              help="lbfgs: the linear head solved to convergence, L2 by 5-fold cross-validation (the device's "
+                   "solver); adam: Keras epochs with early stopping; auto: lbfgs unless --hidden, --augment or "
+                   "--label-smoothing need adam.")
+@click.option("--l2", type=click.FloatRange(min=0), default=None,
+              help="lbfgs: the L2 penalty (default: chosen by cross-validation on the training photos).")
+@click.option("--final-fit", type=click.Choice(list(FINAL_FITS)), default=default(_T, "final_fit"),
+              show_default=True,
+              help="lbfgs: 'all' refits the head on training + validation photos after measuring it on the "
+                   "validation ones (not before fine-tuning); 'train' keeps the head fitted on the training split.")
 @click.option("--epochs", type=click.IntRange(min=1), default=default(_T, "epochs"), show_default=True,
-              help="Head epochs; early stopping on validation loss keeps the best weights.")
+              help="adam: head epochs; early stopping on validation loss keeps the best weights.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=default(_T, "batch_size"), show_default=True,
               help="Images per step (feature extraction and head training).")
 @click.option("--lr", "learning_rate", type=float, default=default(_T, "learning_rate"), show_default=True,
-              help="Head learning rate (Adam).")
+              help="adam: head learning rate.")
 @click.option("--hidden", callback=_parse_hidden, default=None,
               help="Hidden Dense layer sizes of the head, e.g. '512' or '512,128' (default: none, a linear head).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=default(_T, "dropout"), show_default=True,
@@ -89,7 +99,8 @@ _T = TrainConfig  # defaults are read from the config dataclass: written once
               help="Feature cache folder (default: RUN_DIR/cache).")
 @json_option
 @handle_errors
-def train(data_dir, out_dir, force, val_dir, val_split, backbone, alpha, size, weights, epochs, batch_size,
+def train(data_dir, out_dir, force, val_dir, val_split, backbone, alpha, size, weights, solver, l2, final_fit, epochs,
+          batch_size,
           learning_rate, hidden, dropout, label_smoothing, class_weights, patience, augment, fine_tune_layers,
           fine_tune_from, fine_tune_epochs, fine_tune_lr, distribute, mixed_precision, strict, seed, cache_dir,
           as_json):
@@ -107,7 +118,8 @@ def train(data_dir, out_dir, force, val_dir, val_split, backbone, alpha, size, w
     cfg = TrainConfig(
         data_dir=str(data_dir), out_dir=str(out_dir), val_dir=str(val_dir) if val_dir else None, val_split=val_split,
         backbone=backbone, alpha=alpha if alpha is not None else spec.default_alpha,
-        size=size, weights=weights, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        size=size, weights=weights, solver=solver, l2=l2, final_fit=final_fit, epochs=epochs, batch_size=batch_size,
+        learning_rate=learning_rate,
         hidden=hidden, dropout=dropout, label_smoothing=label_smoothing, class_weights=class_weights,
         patience=patience, augment=augment, fine_tune_layers=fine_tune_layers, fine_tune_from=fine_tune_from,
         fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr, distribute=distribute,
@@ -139,6 +151,11 @@ def train(data_dir, out_dir, force, val_dir, val_split, backbone, alpha, size, w
 
 
 def _stopping(h: dict) -> str:
+    if h["solver"] == "lbfgs":
+        fit = "training + validation photos" if h["fit_on"] == "train+val" else "training photos"
+        return (f"L-BFGS, L2 {h['l2']:g} ({h['l2_chosen_by']}), "
+                f"{'converged' if h['converged'] else 'NOT converged'} (largest gradient {h['grad_max']:.1e}); "
+                f"kept: fitted on {h['num_fit']} {fit}")
     text = f"{h['epochs_run']} of {h['epochs']} epochs"
     if h["stopped_early"]:
         text += f" (stopped early: no better {h['monitor']} for {h['patience']} epochs; kept epoch {h['best_epoch']})"

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import ConfigError
 
 CLASS_WEIGHTS = ("balanced", "none")
+SOLVERS = ("auto", "lbfgs", "adam")
+FINAL_FITS = ("all", "train")
 DISTRIBUTE = ("none", "mirrored", "multiworker")
 
 
@@ -20,7 +22,16 @@ class TrainConfig:
         val_dir: explicit validation folder; when None, ``val_split`` of each class is held out.
         val_split: fraction held out per class, chosen by hash of the relative path.
         backbone, alpha, size, weights: the frozen feature extractor.
-        epochs: head epochs (early stopping on validation loss keeps the best weights).
+        solver: how the head is fitted. "lbfgs": the converged solver both sides share
+            (:mod:`edgetl.head_solver`): L2 by 5-fold cross-validation on the training photos'
+            features (one-standard-error rule) unless ``l2`` is given, then solved to
+            convergence; "adam": Keras, ``epochs`` with early stopping on validation loss;
+            "auto": lbfgs for a linear head on cached features without label smoothing, else adam.
+        l2: the lbfgs solver's L2 (None: chosen by cross-validation).
+        final_fit: lbfgs only: "all" refits the chosen head on the training AND validation
+            photos once the validation figures are measured (not when fine-tuning follows,
+            which early-stops on them); "train": the head fitted on the training split is kept.
+        epochs: head epochs of the adam solver (early stopping on validation loss keeps the best weights).
         hidden, dropout: optional hidden Dense layers of the head and their dropout.
         label_smoothing: applied to one-hot targets.
         class_weights: "balanced" (weights inverse to class frequency) or "none".
@@ -43,6 +54,9 @@ class TrainConfig:
     alpha: float | None = 1.0
     size: int = 224
     weights: str = "imagenet"
+    solver: str = "auto"
+    l2: float | None = None
+    final_fit: str = "all"
     epochs: int = 50
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -85,6 +99,15 @@ class TrainConfig:
             raise ConfigError(f"batch_size must be at least 1; received {self.batch_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1); received {self.dropout}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"solver must be one of {SOLVERS}; received {self.solver!r}")
+        if self.final_fit not in FINAL_FITS:
+            raise ConfigError(f"final_fit must be one of {FINAL_FITS}; received {self.final_fit!r}")
+        if self.l2 is not None and self.l2 < 0:
+            raise ConfigError(f"l2 must be >= 0; received {self.l2}")
+        if self.solver == "lbfgs" and not self._linear_on_features:
+            raise ConfigError("solver 'lbfgs' fits a linear head on cached features: it cannot take hidden layers, "
+                              "augmentation or label smoothing; use solver 'adam' (or 'auto') for those")
         if self.class_weights not in CLASS_WEIGHTS:
             raise ConfigError(f"class_weights must be one of {CLASS_WEIGHTS}; received {self.class_weights!r}")
         if self.distribute not in DISTRIBUTE:
@@ -96,6 +119,17 @@ class TrainConfig:
         if any(h < 1 for h in self.hidden):
             raise ConfigError(f"hidden layer sizes must be positive; received {list(self.hidden)}")
         resolve_backbone(self.backbone, self.alpha, self.size)
+
+    @property
+    def _linear_on_features(self) -> bool:
+        return not self.hidden and not self.augment and self.label_smoothing == 0
+
+    @property
+    def head_solver(self) -> str:
+        """The solver that fits the head: ``solver`` with "auto" resolved."""
+        if self.solver == "auto":
+            return "lbfgs" if self._linear_on_features else "adam"
+        return self.solver
 
     @property
     def fine_tunes(self) -> bool:

@@ -148,6 +148,68 @@ def train(cfg: TrainConfig, progress: Progress | None = None, force: bool = Fals
     return summary
 
 
+def _solve_head(cfg: TrainConfig, tr: Features, va: Features, num_classes: int, progress: Progress | None):
+    """The linear head by the converged solver both sides share (edgetl.head_solver).
+
+    L2 by stratified 5-fold cross-validation on the training split (unless given), the head
+    solved on the training split (the validation figures are measured with it), then, with
+    ``final_fit='all'`` and no fine-tuning to follow, solved again on training + validation
+    photos: the head the run keeps. Returns (final layers, the layers the validation figures
+    come from or None, the head_training summary, the history row).
+    """
+    from ..head_solver import choose_l2, solve_softmax
+
+    balance = cfg.class_weights == "balanced"
+    steps = 3
+    if progress:
+        progress("head", 0, steps)
+    if cfg.l2 is None:
+        l2, table = choose_l2(tr.features, tr.labels, num_classes, balance=balance, seed=cfg.seed)
+        chosen_by = "5-fold cross-validation on the training split (one-standard-error rule)"
+    else:
+        l2, table, chosen_by = cfg.l2, None, "given"
+    if progress:
+        progress("head", 1, steps)
+    layers, info = solve_softmax(tr.features, tr.labels, num_classes, l2, balance)
+    if progress:
+        progress("head", 2, steps)
+
+    def loss_acc(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        p = head_predict(x, layers)
+        return float(-np.mean(np.log(p[np.arange(len(y)), y] + 1e-12))), float((p.argmax(1) == y).mean())
+
+    row = {"epoch": 1, "stage": "head"}
+    row["loss"], row["accuracy"] = loss_acc(tr.features, tr.labels)
+    if len(va.labels):
+        row["val_loss"], row["val_accuracy"] = loss_acc(va.features, va.labels)
+    summary = {"solver": "lbfgs", "l2": float(l2), "l2_chosen_by": chosen_by, "cv": table,
+               "iterations": info["iterations"], "loss": info["loss"], "grad_max": info["grad_max"],
+               "converged": info["converged"], "fit_on": "train", "num_fit": int(len(tr.labels))}
+    final, val_layers = layers, None
+    if cfg.final_fit == "all" and len(va.labels) and not cfg.fine_tunes:
+        x = np.concatenate([tr.features, va.features])
+        y = np.concatenate([tr.labels, va.labels])
+        final, info_all = solve_softmax(x, y, num_classes, l2, balance, init=layers)
+        val_layers = layers
+        summary.update({"fit_on": "train+val", "num_fit": int(len(y)), "iterations_all": info_all["iterations"],
+                        "grad_max": info_all["grad_max"], "converged": info["converged"] and info_all["converged"]})
+    if progress:
+        progress("head", steps, steps)
+    return final, val_layers, summary, row
+
+
+def _set_head(head_model, layers) -> None:
+    """Put solved (W, b) arrays into the Keras head's Dense layers: Keras model, head.npz, the
+    bundle and the device then hold the same numbers."""
+    import keras
+
+    dense = [layer for layer in head_model.layers if isinstance(layer, keras.layers.Dense)]
+    if len(dense) != len(layers):
+        raise ConfigError(f"the head has {len(dense)} dense layers; the solver gave {len(layers)}")
+    for layer, (w, b) in zip(dense, layers):
+        layer.set_weights([w, b])
+
+
 def _seed_cache(old: Path, new: Path) -> None:
     """Reuse an earlier run's feature cache: hard links where possible (the files are replaced, never edited)."""
     if not old.is_dir():
@@ -209,32 +271,39 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
         classifier = build_classifier(backbone.model, head, cfg.size)
     history_rows: list[dict] = []
     t0 = time.perf_counter()
-    early = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
-    if not cfg.augment:
-        with strategy.scope():
-            head.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
-                         loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
-        hist = head.fit(
-            tr.features, ytr, validation_data=(va.features, yva) if yva is not None else None,
-            epochs=cfg.epochs, batch_size=cfg.batch_size, class_weight=cw, shuffle=True, verbose=0,
-            callbacks=[early, _progress_callback(progress, "head", cfg.epochs)],
-        )
+    val_layers = None  # the head the validation figures are measured with, when it is not the final one
+    if cfg.head_solver == "lbfgs":
+        solved, val_layers, head_training, row = _solve_head(cfg, tr, va, num_classes, progress)
+        _set_head(head, solved)
+        history_rows.append(row)
     else:
-        with strategy.scope():
-            inp = keras.Input((cfg.size, cfg.size, 3))
-            train_model = keras.Model(inp, classifier(augmentation_layers(spec, cfg.seed)(inp)))
-            train_model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
-                                loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
-        ds_tr = make_image_dataset(tr.samples, spec, num_classes, cfg.batch_size, shuffle=True, seed=cfg.seed)
-        ds_va = make_image_dataset(va.samples, spec, num_classes, cfg.batch_size, shuffle=False) if yva is not None else None
-        hist = train_model.fit(ds_tr, validation_data=ds_va, epochs=cfg.epochs, class_weight=cw, verbose=0,
-                               callbacks=[early, _progress_callback(progress, "head (augmented)", cfg.epochs)])
-    history_rows += _history_rows(hist, "head", 0)
+        early = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
+        if not cfg.augment:
+            with strategy.scope():
+                head.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                             loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
+            hist = head.fit(
+                tr.features, ytr, validation_data=(va.features, yva) if yva is not None else None,
+                epochs=cfg.epochs, batch_size=cfg.batch_size, class_weight=cw, shuffle=True, verbose=0,
+                callbacks=[early, _progress_callback(progress, "head", cfg.epochs)],
+            )
+        else:
+            with strategy.scope():
+                inp = keras.Input((cfg.size, cfg.size, 3))
+                train_model = keras.Model(inp, classifier(augmentation_layers(spec, cfg.seed)(inp)))
+                train_model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                                    loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
+            ds_tr = make_image_dataset(tr.samples, spec, num_classes, cfg.batch_size, shuffle=True, seed=cfg.seed)
+            ds_va = (make_image_dataset(va.samples, spec, num_classes, cfg.batch_size, shuffle=False)
+                     if yva is not None else None)
+            hist = train_model.fit(ds_tr, validation_data=ds_va, epochs=cfg.epochs, class_weight=cw, verbose=0,
+                                   callbacks=[early, _progress_callback(progress, "head (augmented)", cfg.epochs)])
+        history_rows += _history_rows(hist, "head", 0)
+        head_training = {"solver": "adam", **_stopping_summary(hist, monitor, cfg.epochs, cfg.patience)}
+        if progress:  # close the bar at the epoch training stopped at (its timer stops there too)
+            progress("head" if not cfg.augment else "head (augmented)", head_training["epochs_run"],
+                     head_training["epochs_run"])
     t_head = time.perf_counter() - t0
-    head_training = _stopping_summary(hist, monitor, cfg.epochs, cfg.patience)
-    if progress:  # close the bar at the epoch training stopped at (its timer stops there too)
-        progress("head" if not cfg.augment else "head (augmented)", head_training["epochs_run"],
-                 head_training["epochs_run"])
 
     fine = None
     t_fine = 0.0
@@ -268,7 +337,7 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
         ds_va = make_image_dataset(va.samples, spec, num_classes, cfg.batch_size, shuffle=False)
         val_probs = np.asarray(classifier.predict(ds_va, verbose=0), np.float32)
     else:
-        val_probs = head_predict(va.features, layers)
+        val_probs = head_predict(va.features, layers if val_layers is None else val_layers)
     report = classification_report(va.labels, val_probs.argmax(axis=1), classes)
     val_loss = float(min(r["val_loss"] for r in history_rows if "val_loss" in r)) if yva is not None else None
 
