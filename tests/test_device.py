@@ -181,8 +181,9 @@ def test_a_train_that_started_before_a_remove_cannot_bring_the_label_back(learne
     other = Learner.open(learner.bundle.source, store=learner.store.path, threads=1)
     real_train_head = __import__("edgetl.device.learner", fromlist=["train_head"]).train_head
 
-    def slow_train(*a, **k):  # while this training runs, another process removes 'ants'
-        other.remove("ants")
+    def slow_train(*a, **k):  # while this training runs (its first fit), another process removes 'ants'
+        if "ants" in other.store.counts():
+            other.remove("ants")
         return real_train_head(*a, **k)
 
     monkeypatch.setattr("edgetl.device.learner.train_head", slow_train)
@@ -579,3 +580,25 @@ def test_hostile_photos_and_labels_get_one_line_errors_and_lose_nothing(device_b
     assert r.returncode == 1 and b"head version 99999999999999999999999 does not exist" in r.stderr, r.stderr
     r = _device(device_bundle, store, "info", "--json")
     assert json.loads(r.stdout)["samples"] == {"ants": 3}  # nothing lost, nothing half-stored
+
+
+def test_new_classes_get_a_bias_chosen_on_held_back_replay(learner):
+    from edgetl.device.learner import BIAS_GRID
+
+    learner.add(ANTS[:10], "ants")
+    learner.add(BEES[:10], "bees")
+    cfg = HeadTrainConfig(optimizer="lbfgs")  # converged: the same head from any start
+    r = learner.train(cfg)
+    b = r["new_class_bias"]
+    assert b["classes"] == ["ants", "bees"] and b["budget"] == cfg.new_class_budget and b["bias"] in BIAS_GRID
+    assert b["held_back_replay"] >= 3 and 0.0 <= b["held_back_cost"] <= b["budget"] + 1e-9
+    first = learner.store.head().layers
+    # The next training removes the bias before it starts and chooses it afresh: it never piles up.
+    again = learner.train(cfg)
+    assert again["new_class_bias"]["bias"] == b["bias"]
+    np.testing.assert_allclose(learner.store.head().layers[-1][1], first[-1][1], atol=1e-3)
+    off = learner.train(HeadTrainConfig(optimizer="lbfgs", new_class_budget=0.0))
+    assert "new_class_bias" not in off
+    w_off, b_off = learner.store.head().layers[-1]
+    new = [learner.labels().index(n) for n in ("ants", "bees")]
+    np.testing.assert_allclose(first[-1][1][new] - b_off[new], b["bias"], atol=1e-3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -190,18 +191,24 @@ def add(ctx, label, images, new_class, dtype, as_json):
 @click.option("--l2", type=float, default=None,
               help=f"L2 weight decay (default {_H.l2}; with --trainer tflite: the bundle's).")
 @click.option("--no-balance", is_flag=True, help="Do not weight classes inversely to their sample counts.")
+@click.option("--new-class-budget", type=click.FloatRange(0, 1, max_open=True), default=_H.new_class_budget,
+              show_default=True,
+              help="Classes learned on the device get the largest bias that costs held-back replay photos of the "
+                   "bundle's classes at most this much accuracy (few photos per new class otherwise leave them "
+                   "under-predicted); 0 turns it off.")
 @click.option("--seed", type=int, default=_H.seed, show_default=True, help="Random seed (sample order).")
-def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, seed, as_json):
+def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, new_class_budget, seed, as_json):
     """Retrain the head on the stored samples plus the bundle's replay features."""
     learner = _learner(ctx)
     given = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None}
     if ctx.obj["trainer"] == "tflite" and learning_rate is None and optimizer is None and l2 is None:
-        cfg = config_for(learner.bundle.pick("trainable_head"), seed=seed, **given)
+        cfg = replace(config_for(learner.bundle.pick("trainable_head"), seed=seed, **given),
+                      new_class_budget=new_class_budget)
     else:
         d = HeadTrainConfig()
         cfg = HeadTrainConfig(**given, learning_rate=d.learning_rate if learning_rate is None else learning_rate,
                               optimizer=optimizer or d.optimizer, l2=d.l2 if l2 is None else l2,
-                              balance=not no_balance, seed=seed)
+                              balance=not no_balance, seed=seed, new_class_budget=new_class_budget)
     r = learner.train(cfg)
     if as_json:
         emit_json(r)
@@ -211,6 +218,10 @@ def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, see
                f"loss {r['final_loss']:.4f}, {r['seconds']:.3f} s")
     if r["new_classes"]:
         click.echo(f"new classes: {', '.join(r['new_classes'])}")
+    b = r.get("new_class_bias")
+    if b and b["bias"]:
+        click.echo(f"new-class bias {b['bias']:g} for {', '.join(b['classes'])} (costs {100 * b['held_back_cost']:.1f} "
+                   f"points on {b['held_back_replay']} held-back replay photos; budget {100 * b['budget']:g})")
     if r["dropped_classes"]:
         click.echo(f"dropped (no samples left to learn them from): {', '.join(r['dropped_classes'])}", err=True)
 

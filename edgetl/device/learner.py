@@ -110,6 +110,55 @@ def _held_back(y: np.ndarray, ids: np.ndarray, every: int) -> np.ndarray:
     return back
 
 
+def _replay_held_back(y: np.ndarray, ids: np.ndarray, device_classes: list[int], every: int = 5) -> np.ndarray:
+    """Every ``every``-th replay feature (id -1) of each of the bundle's classes."""
+    back = np.zeros(len(y), bool)
+    for c in np.unique(y[ids < 0]):
+        if c not in device_classes:
+            back[np.flatnonzero((y == c) & (ids < 0))[every - 1 :: every]] = True
+    return back
+
+
+BIAS_GRID = tuple(np.arange(0.0, 4.01, 0.25))
+
+
+def _new_class_bias(layers, x: np.ndarray, y: np.ndarray, device_classes: list[int], num_classes: int,
+                    budget: float) -> dict:
+    """The largest bias for the device's classes (on BIAS_GRID) that costs held-back replay photos
+    of the bundle's classes at most ``budget`` accuracy. A head trained from a few photos per new
+    class under-predicts them (L2 shrinks what little they pull); this gives them the share of
+    the old classes' accuracy the budget allows, measured on photos the head did not train on."""
+    logp = np.log(head_predict(x, layers) + 1e-30)
+    offset = np.zeros(num_classes)
+    offset[device_classes] = 1.0
+    base = float((logp.argmax(1) == y).mean())
+    chosen, cost = 0.0, 0.0
+    for delta in BIAS_GRID:
+        acc = float(((logp + delta * offset).argmax(1) == y).mean())
+        if base - acc > budget + 1e-9:
+            break
+        chosen, cost = float(delta), base - acc
+    return {"bias": chosen, "budget": budget, "held_back_replay": int(len(y)), "held_back_accuracy": base,
+            "held_back_cost": round(cost, 6)}
+
+
+def _with_bias(layers, bias: dict | None, labels: list[str]):
+    """``layers`` with ``bias['bias']`` added to the output biases of ``bias['classes']``."""
+    if not bias or not bias["bias"]:
+        return layers
+    w, b = layers[-1]
+    b = b.copy()
+    b[[labels.index(n) for n in bias["classes"] if n in labels]] += bias["bias"]
+    return [*layers[:-1], (w, b)]
+
+
+def _without_bias(layers, info: dict, labels: list[str]):
+    bias = info.get("new_class_bias")
+    if not bias or not bias["bias"]:
+        return layers
+    return _with_bias(layers, {**bias, "bias": -bias["bias"]}, labels)
+
+
 def _heldout_report(layers, x: np.ndarray, y: np.ndarray, ids: np.ndarray, labels: list[str]) -> dict:
     """Accuracy and confusion matrix (rows: truth, columns: prediction) of ``layers`` on x, y,
     with the misclassified sample ids."""
@@ -323,7 +372,10 @@ class Learner:
             x, y, counts, ids = self._training_set(labels_all, with_ids=True)
         if len(x) == 0:
             raise DataError("nothing to train on: no stored samples and no replay features; 'add' some photos first")
-        layers = add_classes(current.layers, x, y, [labels_all.index(n) for n in new])
+        # Start from the active head without the bias an earlier calibration gave its device classes
+        # (each training chooses it afresh, so it never accumulates).
+        layers = add_classes(_without_bias(current.layers, current.info, labels), x, y,
+                             [labels_all.index(n) for n in new])
         # A class with no samples left (removed, then a rollback to a head that knew it) cannot
         # be learned: it is dropped from the new head, and the result says so.
         missing = [labels_all[c] for c in range(len(labels_all)) if not (y == c).any()]
@@ -348,18 +400,32 @@ class Learner:
                 return train_with_tflite(self.bundle, start_layers, xs, ys, cfg, on_epoch=on_epoch)
             return train_head(start_layers, xs, ys, cfg, on_epoch=on_epoch)
 
+        device_classes = [c for c, n in enumerate(labels_all) if n not in self.bundle.labels]
+        calibrate = bool(cfg.new_class_budget) and bool(device_classes) and counts["replay"] > 0
+        back_held = _held_back(y, ids, holdout_every) if holdout_every else None
+        phases = int(calibrate) + int(back_held is not None and back_held.any()) + 1
+        step = 1.0 / phases
+        start = 0.0
+        bias = None
+        if calibrate:
+            replay_back = _replay_held_back(y, ids, device_classes)
+            part, _ = fit(layers, x[~replay_back], y[~replay_back], start, start + step)
+            start += step
+            bias = _new_class_bias(part, x[replay_back], y[replay_back], device_classes, len(labels_all),
+                                   cfg.new_class_budget)
+            bias["classes"] = [labels_all[c] for c in device_classes]
         heldout = None
-        split = 0.0
-        if holdout_every:
-            back = _held_back(y, ids, holdout_every)
-            if back.any():
-                split = 0.5
-                part, _ = fit(layers, x[~back], y[~back], 0.0, split)
-                heldout = _heldout_report(part, x[back], y[back], ids[back], labels_all)
+        if back_held is not None:
+            if back_held.any():
+                part, _ = fit(layers, x[~back_held], y[~back_held], start, start + step)
+                start += step
+                heldout = _heldout_report(_with_bias(part, bias, labels_all), x[back_held], y[back_held],
+                                          ids[back_held], labels_all)
             else:
                 heldout = {"available": False, "reason": f"too few samples to hold any back: a class needs at "
                                                          f"least {holdout_every} stored photos"}
-        layers, losses = fit(layers, x, y, split, 1.0)
+        layers, losses = fit(layers, x, y, start, 1.0)
+        layers = _with_bias(layers, bias, labels_all)
         probs = head_predict(x, layers)
         train_acc = float((probs.argmax(1) == y).mean())
         info = {"origin": "train", "trainer": self.trainer, "config": asdict(cfg), "new_classes": new,
@@ -368,6 +434,8 @@ class Learner:
                 "seconds": round(time.perf_counter() - t0, 4)}
         if heldout is not None:
             info["heldout"] = heldout
+        if bias is not None:
+            info["new_class_bias"] = bias
         version = self.store.save_head(labels_all, layers, info, expect_generation=generation)
         if progress is not None:
             progress(1.0)
