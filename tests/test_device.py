@@ -24,7 +24,7 @@ from edgetl.device.headtrain import loss_and_grads, ncm_predict, train_head
 from edgetl.errors import BundleError, StoreError
 from edgetl.head_solver import class_weights
 
-from .helpers import HYMENOPTERA
+from .helpers import FLOWERS, HYMENOPTERA
 from .helpers import ROOT as ROOT_DIR
 
 pytestmark = pytest.mark.device
@@ -590,15 +590,41 @@ def test_new_classes_get_a_bias_chosen_on_held_back_replay(learner):
     cfg = HeadTrainConfig(optimizer="lbfgs")  # converged: the same head from any start
     r = learner.train(cfg)
     b = r["new_class_bias"]
-    assert b["classes"] == ["ants", "bees"] and b["budget"] == cfg.new_class_budget and b["bias"] in BIAS_GRID
-    assert b["held_back_replay"] >= 3 and 0.0 <= b["held_back_cost"] <= b["budget"] + 1e-9
+    assert r["activated"] and learner.store.active_version() == r["version"]
+    assert b["classes"] == ["ants", "bees"] and b["budget"] == cfg.old_class_budget and b["bias"] in BIAS_GRID
+    assert b["held_back_replay"] >= 3 and (b["cost"] <= b["budget"] + 1e-9 or b["bias"] == 0.0)
+    assert not b["judged"]  # 3 held-back photos in the tiny bundle: too few to refuse a training on
     first = learner.store.head().layers
     # The next training removes the bias before it starts and chooses it afresh: it never piles up.
     again = learner.train(cfg)
     assert again["new_class_bias"]["bias"] == b["bias"]
     np.testing.assert_allclose(learner.store.head().layers[-1][1], first[-1][1], atol=1e-3)
-    off = learner.train(HeadTrainConfig(optimizer="lbfgs", new_class_budget=0.0))
+    off = learner.train(HeadTrainConfig(optimizer="lbfgs", old_class_budget=None))
     assert "new_class_bias" not in off
     w_off, b_off = learner.store.head().layers[-1]
     new = [learner.labels().index(n) for n in ("ants", "bees")]
     np.testing.assert_allclose(first[-1][1][new] - b_off[new], b["bias"], atol=1e-3)
+
+
+def test_a_training_that_forgets_the_bundles_classes_is_kept_but_not_activated(learner, monkeypatch):
+    """The forgetting check on held-back replay (judged here with the minimum lowered to the tiny
+    bundle's 3 held-back photos): a class made of another class's photos takes its held-back
+    photos, so the training is saved as a candidate; --force (force=True) activates one."""
+    import edgetl.device.learner as lm
+    from edgetl.bundle import open_bundle
+
+    monkeypatch.setattr(lm, "GUARD_MIN_PHOTOS", 1)
+    b = open_bundle(learner.bundle.source)
+    # The bundle's own training photos of its first class, under a new name: indistinguishable.
+    first = b.labels[0]
+    photos = sorted((FLOWERS / "train" / first).glob("*.jpg"))[:8]
+    learner.add(photos, f"{first}_again")
+    before = learner.store.active_version()
+    r = learner.train(HeadTrainConfig(optimizer="lbfgs"))
+    bias = r["new_class_bias"]
+    assert bias["judged"] and bias["cost_without_bias"] > bias["budget"], bias
+    assert not r["activated"] and "not activated" in r["candidate"] and learner.store.active_version() == before
+    history = learner.history()
+    assert history[-1]["version"] == r["version"] and not history[-1]["active"]
+    forced = learner.train(HeadTrainConfig(optimizer="lbfgs"), force=True)
+    assert forced["activated"] and learner.store.active_version() == forced["version"]

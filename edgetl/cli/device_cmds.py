@@ -191,27 +191,33 @@ def add(ctx, label, images, new_class, dtype, as_json):
 @click.option("--l2", type=float, default=None,
               help=f"L2 weight decay (default {_H.l2}; with --trainer tflite: the bundle's).")
 @click.option("--no-balance", is_flag=True, help="Do not weight classes inversely to their sample counts.")
-@click.option("--new-class-budget", type=click.FloatRange(0, 1, max_open=True), default=_H.new_class_budget,
+@click.option("--old-class-budget", type=click.FloatRange(0, 1, max_open=True), default=_H.old_class_budget,
               show_default=True,
-              help="Classes learned on the device get the largest bias that costs held-back replay photos of the "
-                   "bundle's classes at most this much accuracy (few photos per new class otherwise leave them "
-                   "under-predicted); 0 turns it off.")
+              help="With classes learned on the device: the most accuracy the bundle's classes may lose on held-back "
+                   "replay photos. The new classes get the largest bias within it (a few photos per class otherwise "
+                   "leave them under-predicted); a training that loses more even without a bias is kept but not "
+                   "activated.")
+@click.option("--no-calibrate", is_flag=True, help="No new-class bias and no forgetting check.")
+@click.option("--force", is_flag=True, help="Activate the new head even when it fails the forgetting check.")
 @click.option("--seed", type=int, default=_H.seed, show_default=True, help="Random seed (sample order).")
-def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, new_class_budget, seed, as_json):
+def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, old_class_budget, no_calibrate, force, seed,
+          as_json):
     """Retrain the head on the stored samples plus the bundle's replay features."""
     learner = _learner(ctx)
+    budget = None if no_calibrate else old_class_budget
     given = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size)) if v is not None}
     if ctx.obj["trainer"] == "tflite" and learning_rate is None and optimizer is None and l2 is None:
-        cfg = replace(config_for(learner.bundle.pick("trainable_head"), seed=seed, **given),
-                      new_class_budget=new_class_budget)
+        cfg = replace(config_for(learner.bundle.pick("trainable_head"), seed=seed, **given), old_class_budget=budget)
     else:
         d = HeadTrainConfig()
         cfg = HeadTrainConfig(**given, learning_rate=d.learning_rate if learning_rate is None else learning_rate,
                               optimizer=optimizer or d.optimizer, l2=d.l2 if l2 is None else l2,
-                              balance=not no_balance, seed=seed, new_class_budget=new_class_budget)
-    r = learner.train(cfg)
+                              balance=not no_balance, seed=seed, old_class_budget=budget)
+    r = learner.train(cfg, force=force)
     if as_json:
         emit_json(r)
+        if not r["activated"]:
+            raise SystemExit(1)
         return
     click.echo(f"head version {r['version']}: {len(r['labels'])} classes, {r['num_samples']} samples "
                f"({r['stored']} stored + {r['replay']} replay), train accuracy {r['train_accuracy']:.3f}, "
@@ -219,9 +225,13 @@ def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, new
     if r["new_classes"]:
         click.echo(f"new classes: {', '.join(r['new_classes'])}")
     b = r.get("new_class_bias")
-    if b and b["bias"]:
-        click.echo(f"new-class bias {b['bias']:g} for {', '.join(b['classes'])} (costs {100 * b['held_back_cost']:.1f} "
-                   f"points on {b['held_back_replay']} held-back replay photos; budget {100 * b['budget']:g})")
+    if b:
+        click.echo(f"bundle's classes on {b['held_back_replay']} held-back replay photos: {100 * b['cost']:.1f} points "
+                   f"below a head without {', '.join(b['classes'])} (budget {100 * b['budget']:g}); new-class bias "
+                   f"{b['bias']:g}")
+    if not r["activated"]:
+        click.echo(f"head version {r['version']} {r['candidate']}", err=True)
+        raise SystemExit(1)
     if r["dropped_classes"]:
         click.echo(f"dropped (no samples left to learn them from): {', '.join(r['dropped_classes'])}", err=True)
 

@@ -88,7 +88,7 @@ class Job:
 def _job_result(r: dict) -> dict:
     """What a finished training reports: the new version and its accuracy figures."""
     keep = ("version", "labels", "new_classes", "dropped_classes", "num_samples", "stored", "replay",
-            "train_accuracy", "final_loss", "seconds", "heldout")
+            "train_accuracy", "final_loss", "seconds", "heldout", "new_class_bias", "activated", "candidate")
     return {k: r[k] for k in keep if k in r}
 
 

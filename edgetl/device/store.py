@@ -328,16 +328,20 @@ class SampleStore:
         return self._write(remove)
 
     # -- heads ------------------------------------------------------------------------------
-    def _insert_head(self, c, labels: list[str], blob: bytes, info: dict) -> int:
+    def _insert_head(self, c, labels: list[str], blob: bytes, info: dict, activate: bool = True) -> int:
         cur = c.execute("INSERT INTO heads(created, labels, weights, info) VALUES (?, ?, ?, ?)",
                         (time.time(), json.dumps(labels), blob, json.dumps(info)))
         version = int(cur.lastrowid)
+        if not activate:
+            return version
         c.execute("INSERT INTO meta(key, value) VALUES ('active_head', ?) "
                   "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(version),))
         return version
 
-    def save_head(self, labels: list[str], layers: Layers, info: dict, expect_generation: int | None = None) -> int:
-        """Store a new head version and make it active, atomically.
+    def save_head(self, labels: list[str], layers: Layers, info: dict, expect_generation: int | None = None,
+                  activate: bool = True) -> int:
+        """Store a new head version and make it active, atomically (``activate=False``: keep it
+        as a version that 'rollback' can activate; the active head stays).
 
         With ``expect_generation`` (the generation the head was trained from), the head is saved
         only if nothing changed since; otherwise :class:`StoreError` and nothing is written.
@@ -352,8 +356,9 @@ class SampleStore:
                         f"the sample store changed while this head was trained (a label was removed or another "
                         f"head became active: generation {expect_generation} -> {now}); the new head was "
                         "not saved, so nothing acknowledged is undone; run 'train' again")
-            version = self._insert_head(c, labels, blob, info)
-            self._bump(c)
+            version = self._insert_head(c, labels, blob, info, activate)
+            if activate:
+                self._bump(c)
             return version
 
         return self._write(put)

@@ -375,8 +375,10 @@ async function followJob(id) {
         const held = r.heldout && r.heldout.available
           ? ` · ${(100 * r.heldout.accuracy).toFixed(0)} % right on ${r.heldout.samples} held-back photos`
           : "";
-        $("#job-state").textContent = `done: version ${r.version}, ${r.labels.length} classes, ` +
-          `${r.num_samples} samples, ${r.seconds.toFixed(1)} s${held}`;
+        $("#job-state").textContent = r.activated === false
+          ? `version ${r.version} kept but not used: ${r.candidate} (History: Use activates it)`
+          : `done: version ${r.version}, ${r.labels.length} classes, ${r.num_samples} samples, ` +
+            `${r.seconds.toFixed(1)} s${held}`;
         break;
       }
       if (j.state === "failed") { $("#job-state").textContent = "failed: " + j.error; break; }
