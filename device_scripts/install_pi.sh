@@ -85,18 +85,18 @@ EDGETL_ARGS=--threads 4 --retrain-every 10
 EDGETL_SERVE_ARGS=--host 0.0.0.0 --port 8080 --threads 4
 CONF
 
-if [ "$SERVICE" = 1 ]; then
-  sed "s/%EDGETL_USER%/$(id -un)/" "$(dirname "$0")/edgetl-personalize.service" | \
-    $SUDO tee /etc/systemd/system/edgetl-personalize.service >/dev/null
+# A systemd unit from device_scripts/, for this user, enabled and started.
+install_unit() {
+  sed "s/%EDGETL_USER%/$(id -un)/" "$(dirname "$0")/$1.service" | $SUDO tee "/etc/systemd/system/$1.service" >/dev/null
   $SUDO systemctl daemon-reload
-  $SUDO systemctl enable --now edgetl-personalize
+  $SUDO systemctl enable --now "$1"
+}
+if [ "$SERVICE" = 1 ]; then
+  install_unit edgetl-personalize
   echo "service started: journalctl -u edgetl-personalize -f"
 fi
 if [ "$SERVE" = 1 ]; then
-  sed "s/%EDGETL_USER%/$(id -un)/" "$(dirname "$0")/edgetl-serve.service" | \
-    $SUDO tee /etc/systemd/system/edgetl-serve.service >/dev/null
-  $SUDO systemctl daemon-reload
-  $SUDO systemctl enable --now edgetl-serve
+  install_unit edgetl-serve
   echo "web service started: journalctl -u edgetl-serve shows the address to open on a phone, and the token"
 fi
 echo "installed in $PREFIX. Try: $PREFIX/venv/bin/edgetl-device --bundle ${BUNDLE:-BUNDLE} info"
