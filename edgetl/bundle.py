@@ -49,6 +49,7 @@ class Bundle:
         self.preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
         self.feature_dim: int = int(manifest["feature_dim"])
         self.backbone_identity: dict = manifest["backbone"]
+        self._replay: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # read once per file (read-only arrays)
 
     def close(self) -> None:
         if self._finalizer is not None:
@@ -111,10 +112,18 @@ class Bundle:
         return layers
 
     def replay(self, backbone_entry: dict) -> tuple[np.ndarray, np.ndarray] | None:
-        """Replay features made with this backbone file: (features, labels), or None."""
+        """Replay features made with this backbone file: (features, labels), or None. Read from
+        the bundle once; the arrays are read-only (every training and class mean uses them)."""
         name = backbone_entry.get("replay")
         if not name:
             return None
+        if name not in self._replay:
+            feats, labels = self._read_replay(name)
+            feats.flags.writeable = labels.flags.writeable = False
+            self._replay[name] = (feats, labels)
+        return self._replay[name]
+
+    def _read_replay(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         entry = self._entry(name, "replay")
         try:
             with np.load(self.path(entry), allow_pickle=False) as z:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import package_versions
 from .errors import BundleError
 from .head_arrays import Layers, head_predict
 from .metrics import cosine
@@ -60,7 +61,6 @@ def cpu_fingerprint() -> dict:
 
 @functools.lru_cache(maxsize=1)
 def _fingerprint() -> dict:  # read once per process: /proc/cpuinfo and package metadata do not change
-    from importlib.metadata import PackageNotFoundError, version
 
     info: dict = {"machine": platform.machine(), "model": "", "flags": _cpuid_flags() or []}
     try:
@@ -74,12 +74,7 @@ def _fingerprint() -> dict:  # read once per process: /proc/cpuinfo and package 
     info["model"] = first.get("model name") or first.get("model") or first.get("hardware") or ""
     if not info["flags"]:
         info["flags"] = sorted(set(first.get("flags", first.get("features", "")).split()) & set(KERNEL_FLAGS))
-    runtimes = {}
-    for p in ("ai-edge-litert", "onnxruntime"):
-        try:
-            runtimes[p] = version(p)
-        except PackageNotFoundError:
-            pass
+    runtimes = package_versions(("ai-edge-litert", "onnxruntime"))
     info["runtimes"] = runtimes
     info["id"] = hashlib.sha256(json.dumps([info["machine"], info["flags"], runtimes]).encode()).hexdigest()[:16]
     return info

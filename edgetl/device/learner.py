@@ -99,24 +99,23 @@ def _first_passing_backbone(bundle: Bundle, entry: dict, runner, threads: int | 
     return entry, runner, first  # none passes: first_load_check refuses with the first file's numbers
 
 
+def _every_kth(y: np.ndarray, rows: np.ndarray, every: int, classes=None) -> np.ndarray:
+    """Every ``every``-th of the ``rows`` of each class (of ``classes``, default all), in order."""
+    back = np.zeros(len(y), bool)
+    for c in np.unique(y[rows]) if classes is None else classes:
+        back[np.flatnonzero((y == c) & rows)[every - 1 :: every]] = True
+    return back
+
+
 def _held_back(y: np.ndarray, ids: np.ndarray, every: int) -> np.ndarray:
     """Every ``every``-th stored sample of each class (in the order they were added); replay
     features (id -1) always train."""
-    back = np.zeros(len(y), bool)
-    for c in np.unique(y):
-        idx = np.flatnonzero((y == c) & (ids >= 0))
-        if len(idx) >= every:
-            back[idx[every - 1 :: every]] = True
-    return back
+    return _every_kth(y, ids >= 0, every)
 
 
-def _replay_held_back(y: np.ndarray, ids: np.ndarray, device_classes: list[int], every: int = 5) -> np.ndarray:
+def _replay_held_back(y: np.ndarray, ids: np.ndarray, old_classes: list[int], every: int = 5) -> np.ndarray:
     """Every ``every``-th replay feature (id -1) of each of the bundle's classes."""
-    back = np.zeros(len(y), bool)
-    for c in np.unique(y[ids < 0]):
-        if c not in device_classes:
-            back[np.flatnonzero((y == c) & (ids < 0))[every - 1 :: every]] = True
-    return back
+    return _every_kth(y, ids < 0, every, old_classes)
 
 
 BIAS_GRID = tuple(np.arange(0.0, 4.01, 0.25))
@@ -415,7 +414,7 @@ class Learner:
 
         device_classes = [c for c, n in enumerate(labels_all) if n not in self.bundle.labels]
         old = [c for c in range(len(labels_all)) if c not in device_classes]
-        replay_back = _replay_held_back(y, ids, device_classes)
+        replay_back = _replay_held_back(y, ids, old)
         calibrate = cfg.old_class_budget is not None and bool(device_classes) and bool(old) and replay_back.any()
         back_held = _held_back(y, ids, holdout_every) if holdout_every else None
         phases = 2 * int(calibrate) + int(back_held is not None and back_held.any()) + 1

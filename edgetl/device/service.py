@@ -245,20 +245,13 @@ async def _spool(uploads, limits: Limits, folder: str) -> tuple[list[str], list[
 
 
 def _versions(runner_backend: str) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     import numpy
 
-    from .. import __version__
+    from .. import __version__, package_versions
 
-    v = {"edgetl": __version__, "python": platform.python_version(), "numpy": numpy.__version__}
-    for key in ("ai-edge-litert", "onnxruntime", "scipy", "starlette", "uvicorn"):
-        try:
-            v[key] = version(key)
-        except PackageNotFoundError:
-            continue
-    v["runtime"] = runner_backend
-    return v
+    return {"edgetl": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
+            **package_versions(("ai-edge-litert", "onnxruntime", "scipy", "starlette", "uvicorn")),
+            "runtime": runner_backend}
 
 
 class _TokenGate:

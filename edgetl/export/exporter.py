@@ -17,12 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, preprocess
+from .. import __version__, package_versions, preprocess
 from ..bundle import BUNDLE_FORMAT, FORMAT_VERSION, commit_bundle, file_entry, make_staging, zip_bundle
 from ..data import Sample, load_samples
 from ..device.headtrain import HeadTrainConfig, train_head
@@ -52,13 +51,7 @@ TOOLS = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "ai-edge-liter
 
 
 def tool_versions() -> dict[str, str]:
-    out = {"edgetl": __version__}
-    for name in TOOLS:
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return out
+    return {"edgetl": __version__, **package_versions(TOOLS)}
 
 
 def balanced_subset(samples: list[Sample], n: int) -> list[Sample]:
