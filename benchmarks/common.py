@@ -21,7 +21,15 @@ def offline_keras_cache() -> None:
 
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(), "cpu": cpu_line()}
+
+
+def cpu_line() -> str:
+    """The CPU a number came from: model and the int8 kernel flags (AVX2/VNNI/NEON dot product)."""
+    from edgetl.selftest import cpu_fingerprint, describe_cpu
+
+    fp = cpu_fingerprint()
+    return f"{fp.get('model') or platform.processor() or platform.machine()}, {describe_cpu(fp)}"
 
 
 def write_json(name: str, obj: dict) -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, SHARED, table, write_json  # noqa: E402
+from benchmarks.common import RESULTS, SHARED, cpu_line, table, write_json  # noqa: E402
 from edgetl.formats import FORMATS, LITERT  # noqa: E402
 
 HYM = SHARED / "datasets/hymenoptera"
@@ -70,6 +70,69 @@ def quality(bundle: Path, per_class: int) -> dict:
     out["tflite_trainer_new_classes_val"] = acc(val)
     learner.close()
     return out
+
+
+def retrain(bundle: Path, per_class: int, repeats: int = 7) -> dict:
+    """The default retrain after adding ants and bees (``per_class`` photos each), against one
+    backbone inference (LiteRT int8, batch 1, 1 thread), in one process: the first training
+    (measures the bundle's reference on held-back replay, kept in the store), then ``repeats``
+    more from the bundle's head (rollback 1, train), medians. With the solver's report and the
+    largest gradient component of the full-feature-space problem at the head it kept."""
+    from edgetl import preprocess
+    from edgetl.device import HeadTrainConfig, Learner
+    from edgetl.device.learner import _replay_held_back
+    from edgetl.head_solver import gradient_max
+
+    learner = Learner.open(bundle, store=Path(tempfile.mkdtemp()) / "r.sqlite", backend=LITERT, precision="int8")
+    runner = learner.bundle.open_model(learner.backbone_entry, threads=1)
+    px = preprocess.load_pixels(photos(HYM / "train" / "ants")[0], learner.bundle.preprocessing.size)[0]
+    x1 = runner.prepare(px[None], learner.bundle.preprocessing)
+    for _ in range(10):
+        runner.run_prepared(x1)
+    ts = []
+    for _ in range(100):
+        t0 = time.perf_counter()
+        runner.run_prepared(x1)
+        ts.append(time.perf_counter() - t0)
+    t_inf = float(np.median(ts))
+    learner.add(photos(HYM / "train" / "ants")[:per_class], "ants")
+    learner.add(photos(HYM / "train" / "bees")[:per_class], "bees")
+    import scipy.optimize  # noqa: F401  (imported once per process: not a training's cost)
+
+    rows = []
+    for name, cfg in (("default (L-BFGS, 192-d subspace)", HeadTrainConfig()),
+                      ("L-BFGS, 128-d subspace", HeadTrainConfig(subspace_dim=128)),
+                      ("L-BFGS, full feature space", HeadTrainConfig(subspace_dim=0)),
+                      ("Adam, 300 full-batch steps (former default)", HeadTrainConfig(optimizer="adam"))):
+        learner.rollback(1)
+        t0 = time.perf_counter()
+        first = learner.train(cfg)
+        t_first = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            learner.rollback(1)
+            t0 = time.perf_counter()
+            r = learner.train(cfg)
+            times.append(time.perf_counter() - t0)
+        head = learner.store.head()
+        x, y, _, ids = learner._training_set(head.labels, with_ids=True)
+        # The kept head was fitted without every 5th replay photo of the bundle's classes (its check).
+        fitted = ~_replay_held_back(y, ids, [c for c, n in enumerate(head.labels) if n in learner.bundle.labels])
+        bias = r.get("new_class_bias") or {}
+        w, b = head.layers[-1]
+        unbiased = [(w, b - np.isin(np.arange(len(b)), [head.labels.index(c) for c in bias.get("classes", [])]) *
+                     bias.get("bias", 0.0))]
+        solver = r.get("solver", {})
+        rows.append({"recipe": name, "first_train_ms": round(1000 * t_first, 1),
+                     "retrain_ms": round(1000 * float(np.median(times)), 1),
+                     "x_inference": round(float(np.median(times)) / t_inf, 1),
+                     "subspace_dim": solver.get("subspace_dim"), "iterations": solver.get("iterations"),
+                     "solver_grad_max": solver.get("grad_max"), "converged": solver.get("converged"),
+                     "full_space_grad_max": gradient_max(unbiased, x[fitted], y[fitted], cfg.l2),
+                     "samples": r["num_samples"], "held_back_replay": bias.get("held_back_replay"),
+                     "bias": bias.get("bias"), "first_seconds_recorded": first["seconds"]})
+    learner.close()
+    return {"inference_ms": round(1000 * t_inf, 3), "backbone_file": learner.backbone_entry["file"], "rows": rows}
 
 
 WORKER = r"""
@@ -231,10 +294,24 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, default=None, help="device bundle with int8 TFLite and ONNX backbones")
     p.add_argument("--run", type=Path, default=None, help="run folder to export the bundle from (needs TensorFlow)")
     p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--only", choices=["retrain"], default=None,
+                   help="run one part: 'retrain' times the default retrain against one inference (seconds)")
     a = p.parse_args()
     bundle = a.bundle or RESULTS / "device_bundle"
     if a.run is not None:
         export_bundle(a.run, bundle)
+    rt = retrain(bundle, a.per_class)
+    print(f"retrain after adding {a.per_class} ants + {a.per_class} bees, against one {rt['backbone_file']} inference "
+          f"({rt['inference_ms']:.2f} ms, batch 1, 1 thread, {cpu_line()}):")
+    print(table(["recipe", "first ms", "retrain ms", "x inference", "dims", "iterations", "grad max",
+                 "full-space grad max"],
+                [[r["recipe"], r["first_train_ms"], r["retrain_ms"], r["x_inference"], r["subspace_dim"] or "",
+                  r["iterations"] or "", f"{r['solver_grad_max']:.1e}" if r["solver_grad_max"] else "",
+                  f"{r['full_space_grad_max']:.1e}"] for r in rt["rows"]]))
+    print()
+    if a.only == "retrain":
+        print(f"wrote {write_json('device_retrain', {'bundle': str(bundle), 'retrain': rt})}")
+        return
     q = quality(bundle, a.per_class)
     s = [speed(bundle, b) for b in BACKENDS]
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -266,7 +343,7 @@ def main() -> None:
     print(table(["photo", "full decode", "reduced-scale decode", "mean |pixel diff|"],
                 [[r["photo"], f"{r['full_ms']:.1f}", f"{r['reduced_ms']:.1f}", f"{r['mean_abs_pixel_diff']:.2f}"]
                  for r in decode]))
-    path = write_json("device", {"bundle": str(bundle), "quality": q, "speed": s, "trainer_steps": steps,
+    path = write_json("device", {"bundle": str(bundle), "retrain": rt, "quality": q, "speed": s, "trainer_steps": steps,
                                  "large_photo_decode": decode})
     print(f"wrote {path}")
 

@@ -50,6 +50,7 @@ class Bundle:
         self.feature_dim: int = int(manifest["feature_dim"])
         self.backbone_identity: dict = manifest["backbone"]
         self._replay: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # read once per file (read-only arrays)
+        self._subspace: dict[tuple[str, int], tuple] = {}
 
     def close(self) -> None:
         if self._finalizer is not None:
@@ -122,6 +123,30 @@ class Bundle:
             feats.flags.writeable = labels.flags.writeable = False
             self._replay[name] = (feats, labels)
         return self._replay[name]
+
+    def replay_subspace(self, backbone_entry: dict, dim: int):
+        """The replay features' mean and ``dim`` leading principal directions
+        (:class:`edgetl.head_solver.Subspace`) and the replay features' coordinates in it, or None
+        without replay features. The exporter ships the directions in the replay file; for a
+        bundle without them they are computed here (once per bundle and size)."""
+        from .head_solver import Subspace
+
+        replay = self.replay(backbone_entry)
+        if replay is None:
+            return None
+        name = backbone_entry["replay"]
+        if (name, dim) not in self._subspace:
+            with np.load(self.path(self._entry(name, "replay")), allow_pickle=False) as z:
+                shipped = (z["basis_mean"], z["basis"]) if "basis" in z.files and "basis_mean" in z.files else None
+            if shipped is not None and shipped[1].ndim == 2 and shipped[1].shape[0] >= dim \
+                    and shipped[1].shape[1] == self.feature_dim and shipped[0].shape == (self.feature_dim,):
+                sub = Subspace(shipped[0].astype(np.float32), np.ascontiguousarray(shipped[1][:dim], np.float32))
+            else:
+                sub = Subspace.principal(replay[0], dim)
+            coords = sub.project(replay[0])
+            coords.flags.writeable = False
+            self._subspace[(name, dim)] = (sub, coords)
+        return self._subspace[(name, dim)]
 
     def _read_replay(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         entry = self._entry(name, "replay")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dataclasses import dataclass
+
 from .errors import ConfigError
 from .head_arrays import Layers
 
@@ -29,6 +31,22 @@ def class_weights(y: np.ndarray, num_classes: int, balance: bool) -> np.ndarray:
 SOLVER_GTOL = 1e-5  # stop when the largest gradient component is below this
 SOLVER_MAX_ITER = 2000
 L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
+
+_BLAS = None
+
+
+def _one_blas_thread():
+    """A context in which BLAS runs on one thread. NumPy and SciPy each bring their own OpenBLAS;
+    between the solver's many small products their idle threads spin and take the cores from each
+    other: measured on a 2-core x86, a device retrain (3 fits, 1,220 x 148) took 447 ms with both
+    pools at 2 threads and 67 ms with one thread each (threadpoolctl finds and limits both)."""
+    global _BLAS
+    from threadpoolctl import ThreadpoolController
+
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 def solve_softmax(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, balance: bool = True,
@@ -49,32 +67,54 @@ def solve_softmax(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, bal
     # non-negative, far from zero mean): 222 L-BFGS iterations -> 37, to the same loss.
     mean = np.asarray(x, np.float64).mean(axis=0)
     x = np.asarray(np.asarray(x, np.float64) - mean, dtype)
-    xt = np.ascontiguousarray(x.T)
     y = np.asarray(y, np.int64)
     n, d = x.shape
     c = int(num_classes)
     sw = class_weights(y, c, balance).astype(np.float64)
     swn = sw / sw.sum()
-    target = np.zeros((n, c))
-    target[np.arange(n), y] = 1.0
+    cols = np.arange(n)
+    xt = np.ascontiguousarray(x.T)
 
+    # Logits as (classes, samples): the reductions over a handful of classes then run along
+    # long contiguous rows (NumPy's per-row max over 7 columns cost more than the products).
     def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = theta[: d * c].reshape(d, c), theta[d * c :]
-        z = (x @ w.astype(dtype)).astype(np.float64) + b
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        s = e.sum(axis=1, keepdims=True)
-        loss = -float((swn * (target * (z - np.log(s))).sum(axis=1)).sum()) + 0.5 * l2 * float((w * w).sum())
-        g = (e / s - target) * swn[:, None]
-        return loss, np.concatenate([((xt @ g.astype(dtype)) + l2 * w).ravel(), g.sum(axis=0)])
+        z = (w.T.astype(dtype) @ xt).astype(np.float64)
+        z += b[:, None]
+        z -= z.max(axis=0)
+        p = np.exp(z)
+        s = p.sum(axis=0)
+        loss = float(swn @ (np.log(s) - z[y, cols])) + 0.5 * l2 * float(np.vdot(w, w))
+        p /= s
+        p[y, cols] -= 1.0
+        p *= swn  # the gradient of the loss w.r.t. the logits
+        gw = (p.astype(dtype) @ x).T + l2 * w
+        return loss, np.concatenate([gw.ravel(), p.sum(axis=1)])
 
     theta0 = (np.concatenate([init[-1][0].ravel(), init[-1][1] + mean @ init[-1][0]]).astype(np.float64)
               if init is not None else np.zeros(d * c + c))
-    res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": gtol})
-    w, b = res.x[: d * c].reshape(d, c), res.x[d * c :] - mean @ res.x[: d * c].reshape(d, c)
-    info = {"solver": "lbfgs", "l2": float(l2), "iterations": int(res.nit), "loss": float(res.fun),
+    with _one_blas_thread():
+        res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": gtol})
+    w = res.x[: d * c].reshape(d, c)
+    b = res.x[d * c :] - mean @ w
+    info = {"solver": "lbfgs", "l2": float(l2), "iterations": int(res.nit), "evaluations": int(res.nfev), "loss": float(res.fun),
             "grad_max": float(np.abs(res.jac).max()), "converged": bool(res.success)}
     return [(w.astype(np.float32), b.astype(np.float32))], info
+
+
+def gradient_max(layers: Layers, x: np.ndarray, y: np.ndarray, l2: float, balance: bool = True) -> float:
+    """The largest component of the gradient of solve_softmax's objective at a linear head, in
+    the full feature space: how far the head is from that problem's minimum (0 there)."""
+    (w, b), = layers
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.int64)
+    sw = class_weights(y, w.shape[1], balance).astype(np.float64)
+    z = x @ w + b
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    p *= (sw / sw.sum())[:, None]
+    return float(max(np.abs(x.T @ p + l2 * w).max(), np.abs(p.sum(axis=0)).max()))
 
 
 def choose_l2(x: np.ndarray, y: np.ndarray, num_classes: int, grid: tuple[float, ...] = L2_GRID, folds: int = 5,
@@ -107,3 +147,74 @@ def choose_l2(x: np.ndarray, y: np.ndarray, num_classes: int, grid: tuple[float,
     best = max(rows, key=lambda r: r["cv_accuracy"])
     chosen = max((r for r in rows if r["cv_accuracy"] >= best["cv_accuracy"] - best["stderr"]), key=lambda r: r["l2"])
     return chosen["l2"], rows
+
+
+SUBSPACE_DIM = 192  # principal directions of the bundle's replay features a device retrain solves in
+RESIDUAL_DIRECTIONS = 256  # at most this many more: where the device's own samples leave that subspace
+
+
+@dataclass(frozen=True)
+class Subspace:
+    """An affine subspace of feature space: features are centred on ``mean`` (d,) and
+    described by their coordinates along the orthonormal rows of ``basis`` (k, d).
+
+    A linear head ``W = basis.T @ w`` moves the logits of a feature only through its
+    coordinates: ``x @ W + b == project(x) @ w + b'`` exactly, for every feature x (the part of x
+    outside the subspace is orthogonal to every column of W). So the softmax problem restricted to
+    such heads is the same problem (same loss, same L2, as |W| = |w|) on k-dimensional
+    coordinates: a device retrain solves it there (``lift`` gives the full head back), and its
+    solution is the full problem's when the subspace holds the span of the centred training
+    features (the representer theorem). The bundle's replay features' principal directions, plus
+    the residual directions of the device's own samples (``extended``), hold nearly all of it.
+    """
+
+    mean: np.ndarray
+    basis: np.ndarray
+
+    @classmethod
+    def principal(cls, x: np.ndarray, k: int = SUBSPACE_DIM) -> Subspace:
+        """The mean of ``x`` and its ``k`` leading principal directions."""
+        x = np.asarray(x, np.float32)
+        if not len(x):
+            raise ConfigError("no features to find principal directions in")
+        mean = x.mean(axis=0)
+        _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+        keep = int(min(k, (s > s[0] * 1e-5).sum())) if len(s) and s[0] > 0 else 0
+        return cls(mean.astype(np.float32), np.ascontiguousarray(vt[:keep], np.float32))
+
+    @property
+    def dim(self) -> int:
+        return int(self.basis.shape[0])
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, np.float32) - self.mean) @ self.basis.T
+
+    def extended(self, x: np.ndarray, most: int = RESIDUAL_DIRECTIONS) -> Subspace:
+        """This subspace plus (up to ``most``) orthonormal directions spanning what of ``x``
+        (centred) lies outside it: a few new photos of a class the basis never saw are then
+        represented exactly."""
+        x = np.asarray(x, np.float32)
+        if not len(x):
+            return self
+        r = (x - self.mean) - self.project(x) @ self.basis
+        if len(r) > most:  # a randomised range finder: the residuals' leading directions
+            r = (np.random.default_rng(0).standard_normal((most, len(r))).astype(np.float32) @ r)
+        q, tri = np.linalg.qr(r.T)
+        d = np.abs(np.diag(tri))
+        scale = max(float(d.max()) if d.size else 0.0, float(np.linalg.norm(x - self.mean, axis=1).max()))
+        new = q[:, d > 1e-4 * scale].T if scale > 0 else q[:, :0].T
+        # One more Gram-Schmidt pass against the basis (QR of float32 residuals leaves a little of it).
+        new = new - (new @ self.basis.T) @ self.basis
+        new /= np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
+        return Subspace(self.mean, np.ascontiguousarray(np.concatenate([self.basis, new]), np.float32))
+
+    def restrict(self, layers: Layers) -> Layers:
+        """A full (linear) head in coordinates: the nearest head of the subspace (W projected on it)."""
+        (w, b), = layers
+        return [((self.basis @ w).astype(np.float32), (b + self.mean @ w).astype(np.float32))]
+
+    def lift(self, layers: Layers) -> Layers:
+        """A head on coordinates as the same head on full features."""
+        (w, b), = layers
+        full = self.basis.T @ w
+        return [(full.astype(np.float32), (b - self.mean @ full).astype(np.float32))]

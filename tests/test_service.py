@@ -201,7 +201,7 @@ def test_token_guards_the_api_not_the_page(device_bundle, tmp_path):
 
 
 def test_one_training_at_a_time_and_shutdown_abandons_it(device_bundle, tmp_path):
-    slow = HeadTrainConfig(epochs=1_000_000)  # runs until the service stops
+    slow = HeadTrainConfig(optimizer="adam", epochs=1_000_000)  # runs until the service stops
     app = _app(device_bundle, tmp_path / "s.sqlite", train_config=slow, grace_s=0.2)
     with TestClient(app) as c:
         c.post("/api/samples", data={"label": "ants"}, files=_files(ANTS[:4]))

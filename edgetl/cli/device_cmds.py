@@ -179,15 +179,20 @@ def add(ctx, label, images, new_class, dtype, as_json):
 
 @device_command()
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help=f"Passes over replay + stored samples (default {_H.epochs}; with --trainer tflite: "
-                   f"{_PHONE['epochs'].default}).")
+              help=f"Adam/SGD: passes over replay + stored samples; L-BFGS: at most this many iterations "
+                   f"(default {_H.epochs}; with --trainer tflite: {_PHONE['epochs'].default}).")
 @click.option("--lr", "learning_rate", type=float, default=None,
               help=f"Learning rate (default {_H.learning_rate}; with --trainer tflite: the bundle's).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help=f"Samples per step (default {_H.batch_size}, i.e. full batch for most stores; with --trainer "
                    f"tflite: {_PHONE['batch_size'].default}).")
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=None,
-              help=f"Optimizer (default {_H.optimizer}); --trainer tflite uses the bundle's SGD step.")
+              help=f"Optimizer (default {_H.optimizer}: L-BFGS solved to convergence for a head without hidden "
+                   f"layers, in the subspace of the bundle's replay features and the stored photos; else Adam); "
+                   f"--trainer tflite uses the bundle's SGD step.")
+@click.option("--subspace-dim", type=click.IntRange(min=0), default=_H.subspace_dim, show_default=True,
+              help="L-BFGS: principal directions of the replay features to solve in (0: the full feature space, "
+                   "several times slower).")
 @click.option("--l2", type=float, default=None,
               help=f"L2 weight decay (default {_H.l2}; with --trainer tflite: the bundle's).")
 @click.option("--no-balance", is_flag=True, help="Do not weight classes inversely to their sample counts.")
@@ -200,8 +205,8 @@ def add(ctx, label, images, new_class, dtype, as_json):
 @click.option("--no-calibrate", is_flag=True, help="No new-class bias and no forgetting check.")
 @click.option("--force", is_flag=True, help="Activate the new head even when it fails the forgetting check.")
 @click.option("--seed", type=int, default=_H.seed, show_default=True, help="Random seed (sample order).")
-def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, old_class_budget, no_calibrate, force, seed,
-          as_json):
+def train(ctx, epochs, learning_rate, batch_size, optimizer, subspace_dim, l2, no_balance, old_class_budget,
+          no_calibrate, force, seed, as_json):
     """Retrain the head on the stored samples plus the bundle's replay features."""
     learner = _learner(ctx)
     budget = None if no_calibrate else old_class_budget
@@ -211,8 +216,9 @@ def train(ctx, epochs, learning_rate, batch_size, optimizer, l2, no_balance, old
     else:
         d = HeadTrainConfig()
         cfg = HeadTrainConfig(**given, learning_rate=d.learning_rate if learning_rate is None else learning_rate,
-                              optimizer=optimizer or d.optimizer, l2=d.l2 if l2 is None else l2,
-                              balance=not no_balance, seed=seed, old_class_budget=budget)
+                              optimizer=optimizer or d.optimizer, subspace_dim=subspace_dim,
+                              l2=d.l2 if l2 is None else l2, balance=not no_balance, seed=seed,
+                              old_class_budget=budget)
     r = learner.train(cfg, force=force)
     if as_json:
         emit_json(r)

@@ -11,6 +11,7 @@ Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,8 @@ from ..labels import check_label, printable, storable
 from ..metrics import top_k as top_k_labels
 from ..selftest import References, cpu_fingerprint, describe_cpu, verdict
 from ..selftest import measure as measure_self_test
-from .headtrain import HeadTrainConfig, add_classes, drop_classes, ncm_predict, train_head
+from ..head_solver import Subspace
+from .headtrain import HeadTrainConfig, add_classes, drop_classes, ncm_predict, resolve_optimizer, train_head
 from .store import SampleStore
 
 log = logging.getLogger("edgetl")
@@ -327,29 +329,30 @@ class Learner:
 
     def _training_set(self, labels: list[str], with_ids: bool = False):
         """Replay + stored features of ``labels``: x, y (class indices), counts, and with
-        ``with_ids`` the stored sample ids (-1 for replay features)."""
+        ``with_ids`` the stored sample ids (for a replay feature: -1 - its row in the replay file)."""
         index = {name: i for i, name in enumerate(labels)}
         parts_x, parts_y = [], []
         replay = self.bundle.replay(self.backbone_entry)
         n_replay = 0
         if replay is not None:
             rx, ry = replay
-            names = [self.bundle.labels[i] for i in ry]
-            keep = [i for i, n in enumerate(names) if n in index]
-            parts_x.append(rx[keep])
-            parts_y.append(np.array([index[names[i]] for i in keep], np.int64))
-            n_replay = len(keep)
+            to_index = np.array([index.get(name, -1) for name in self.bundle.labels], np.int64)[ry]
+            keep_replay = np.flatnonzero(to_index >= 0)
+            parts_x.append(rx if len(keep_replay) == len(rx) else rx[keep_replay])  # (concatenate copies)
+            parts_y.append(to_index[keep_replay])
+            n_replay = len(keep_replay)
         sx, slabels, sids = self.store.samples()
         keep = [i for i, n in enumerate(slabels) if n in index]
         parts_x.append(sx[keep])
         parts_y.append(np.array([index[slabels[i]] for i in keep], np.int64))
-        x = np.concatenate(parts_x) if parts_x else np.zeros((0, self.bundle.feature_dim), np.float32)
-        y = np.concatenate(parts_y) if parts_y else np.zeros((0,), np.int64)
+        x = np.asarray(np.concatenate(parts_x), np.float32)
+        y = np.concatenate(parts_y)
         counts = {"replay": n_replay, "stored": len(keep)}
         if with_ids:
-            ids = np.concatenate([np.full(n_replay, -1, np.int64), np.array([sids[i] for i in keep], np.int64)])
-            return x.astype(np.float32), y, counts, ids
-        return x.astype(np.float32), y, counts
+            replay_rows = keep_replay if replay is not None else np.zeros(0, np.int64)
+            ids = np.concatenate([-1 - replay_rows, np.array([sids[i] for i in keep], np.int64)])
+            return x, y, counts, ids
+        return x, y, counts
 
     def train(self, config: HeadTrainConfig | None = None, progress: Callable[[float], None] | None = None,
               holdout_every: int | None = None, force: bool = False) -> dict:
@@ -363,10 +366,12 @@ class Learner:
 
         With classes learned on the device and the bundle's replay features, every 5th replay
         feature of each bundle class is held back and two heads are fitted without them: one of
-        the bundle's classes alone, one with the device's. The device's classes get the largest
+        the bundle's classes alone (its accuracy there is kept in the store: it depends on the
+        bundle and the settings only), one with the device's. The device's classes get the largest
         bias that keeps the bundle's classes within ``config.old_class_budget`` of the first
-        head's accuracy on those photos; a training whose new classes cost more than that even
-        without a bias (forgetting) is saved but not activated, unless ``force``.
+        head's accuracy on those photos, and the second head, so calibrated, is the new version
+        (with ``holdout_every``, a head fitted on everything). A training whose new classes cost
+        more than that even without a bias (forgetting) is saved but not activated, unless ``force``.
         """
         if self.trainer == "tflite":
             from .tflite_trainer import config_for, train_with_tflite
@@ -401,6 +406,15 @@ class Learner:
             labels_all = [labels_all[c] for c in keep]
             new = [n for n in new if n not in missing]
 
+        # The converged solver works in a subspace of feature space that holds (nearly) all the
+        # training features' directions: the same problem, 10x fewer numbers (head_solver.Subspace).
+        sub = None
+        solved = {} if self.trainer == "numpy" and resolve_optimizer(cfg, layers) == "lbfgs" else None
+        if solved is not None and cfg.subspace_dim:
+            sub, x, space = self._coordinates(x, ids, cfg.subspace_dim)
+            layers = sub.restrict(layers)
+            solved.update(space)
+
         def fit(start_layers, xs, ys, lo: float, hi: float):
             def on_epoch(epoch, _layers):
                 if progress is not None:
@@ -410,14 +424,15 @@ class Learner:
                 progress(lo)
             if self.trainer == "tflite":
                 return train_with_tflite(self.bundle, start_layers, xs, ys, cfg, on_epoch=on_epoch)
-            return train_head(start_layers, xs, ys, cfg, on_epoch=on_epoch)
+            return train_head(start_layers, xs, ys, cfg, on_epoch=on_epoch, report=solved)
 
         device_classes = [c for c, n in enumerate(labels_all) if n not in self.bundle.labels]
         old = [c for c in range(len(labels_all)) if c not in device_classes]
         replay_back = _replay_held_back(y, ids, old)
         calibrate = cfg.old_class_budget is not None and bool(device_classes) and bool(old) and replay_back.any()
         back_held = _held_back(y, ids, holdout_every) if holdout_every else None
-        phases = 2 * int(calibrate) + int(back_held is not None and back_held.any()) + 1
+        keep_part = calibrate and back_held is None  # the calibrated head is the one kept (below)
+        phases = 2 * int(calibrate) + int(back_held is not None and back_held.any()) + int(not keep_part)
         step = 1.0 / phases
         start = 0.0
         bias = None
@@ -426,11 +441,21 @@ class Learner:
             # classes, then with them: the budget bounds the difference, bias included.
             remap = np.full(len(labels_all), -1, np.int64)
             remap[old] = np.arange(len(old))
-            rows_old = ~replay_back & np.isin(y, old)
-            part_old, _ = fit(drop_classes(layers, old), x[rows_old], remap[y[rows_old]], start, start + step)
+            # The reference depends on the bundle and the settings only: measured once, kept in the store.
+            key = "reference:" + hashlib.sha256(json.dumps(
+                [self.bundle.digest, self.backbone_entry["file"], [labels_all[c] for c in old], self.trainer,
+                 {k: v for k, v in asdict(cfg).items() if k != "old_class_budget"}]).encode()).hexdigest()
+            cached = self.store.get_meta(key)
+            if cached is None:
+                rows_old = ~replay_back & np.isin(y, old)
+                part_old, _ = fit(drop_classes(layers, old), x[rows_old], remap[y[rows_old]], start, start + step)
+                reference = float((head_predict(x[replay_back], part_old).argmax(1) == remap[y[replay_back]]).mean())
+                if not self.store.readonly:
+                    self.store.set_meta(key, json.dumps(reference))
+            else:
+                reference = float(json.loads(cached))
             start += step
-            reference = float((head_predict(x[replay_back], part_old).argmax(1) == remap[y[replay_back]]).mean())
-            part, _ = fit(layers, x[~replay_back], y[~replay_back], start, start + step)
+            part, part_losses = fit(layers, x[~replay_back], y[~replay_back], start, start + step)
             start += step
             bias = _new_class_bias(part, x[replay_back], y[replay_back], device_classes, len(labels_all),
                                    cfg.old_class_budget, reference)
@@ -445,14 +470,25 @@ class Learner:
             else:
                 heldout = {"available": False, "reason": f"too few samples to hold any back: a class needs at "
                                                          f"least {holdout_every} stored photos"}
-        layers, losses = fit(layers, x, y, start, 1.0)
+        if keep_part:
+            # The head the budget was measured on is the head that is kept: the held-back replay
+            # photos (a fifth of the bundle's) are its check, not its training.
+            layers, losses = part, part_losses
+        else:
+            if solved is not None and (calibrate or heldout is not None and heldout.get("available")):
+                layers = part  # converged: the same minimum from any start, and this one is near it
+            layers, losses = fit(layers, x, y, start, 1.0)
         layers = _with_bias(layers, bias, labels_all)
-        probs = head_predict(x, layers)
+        probs = head_predict(x, layers)  # in the subspace's coordinates: the same numbers as the lifted head's
         train_acc = float((probs.argmax(1) == y).mean())
+        if sub is not None:
+            layers = sub.lift(layers)
         info = {"origin": "train", "trainer": self.trainer, "config": asdict(cfg), "new_classes": new,
                 "dropped_classes": missing, "num_samples": int(len(x)), **counts,
                 "train_accuracy": train_acc, "final_loss": losses[-1], "parent": current.version,
                 "seconds": round(time.perf_counter() - t0, 4)}
+        if solved:  # the last fit's: iterations, final loss, largest gradient component, converged
+            info["solver"] = solved
         if heldout is not None:
             info["heldout"] = heldout
         activate = True
@@ -469,6 +505,27 @@ class Learner:
         if progress is not None:
             progress(1.0)
         return {"version": version, "labels": labels_all, **info, "activated": activate, "losses": losses}
+
+    def _coordinates(self, x: np.ndarray, ids: np.ndarray, dim: int) -> tuple[Subspace, np.ndarray, dict]:
+        """The subspace a converged retrain solves in: the replay features' ``dim`` principal
+        directions (shipped in the bundle; their coordinates are cached) plus the directions of
+        the stored samples outside them, and the coordinates of the training set ``x`` (rows of
+        ``ids``, see _training_set) there. Returns it, the coordinates and its dimensions."""
+        stored = ids >= 0
+        cached = self.bundle.replay_subspace(self.backbone_entry, dim)
+        base, base_coords = cached if cached is not None else (Subspace.principal(x, dim), None)
+        sub = base.extended(x[stored])
+        z = np.empty((len(x), sub.dim), np.float32)
+        z[stored] = sub.project(x[stored])
+        if base_coords is not None:
+            replay = ~stored  # the first rows (_training_set)
+            n = int(replay.sum())
+            extra = sub.basis[base.dim :]
+            z[:n, : base.dim] = base_coords[-1 - ids[:n]]
+            z[:n, base.dim :] = x[:n] @ extra.T - sub.mean @ extra.T
+        else:
+            z[~stored] = sub.project(x[~stored])
+        return sub, z, {"subspace_dim": sub.dim, "principal": base.dim, "from_samples": sub.dim - base.dim}
 
     def metrics(self) -> dict:
         """The active head measured on stored samples it was not trained on.
