@@ -56,7 +56,23 @@ def test_cached_features_equal_backbone_output(tiny_run, tiny_data):
         assert cache.get(digest) is not None
     direct = np.asarray(bb.model.predict_on_batch(preprocess.normalize(np.stack(px), bb.preprocessing)))
     cached = np.stack([cache.get(preprocess.load_pixels(f, 96)[1]) for f in files])
-    np.testing.assert_allclose(cached, direct, rtol=1e-5, atol=1e-5)
+    # Computed by the backbone's LiteRT conversion (no GPU here), checked against Keras by the run.
+    engine = run["feature_engine"]
+    assert engine["engine"] == "litert" and engine["used"] and engine["max_relative_difference"] <= 1e-3, engine
+    np.testing.assert_allclose(cached, direct, rtol=0, atol=1e-4 * float(np.abs(direct).max()))
+
+
+def test_a_litert_backbone_that_disagrees_with_keras_is_not_used(tiny_data, tmp_path, monkeypatch, caplog):
+    import edgetl.train.fast_features as ff
+    from edgetl.train import TrainConfig, train
+
+    monkeypatch.setattr(ff, "AGREEMENT", -1.0)  # no file can agree
+    cfg = TrainConfig(data_dir=str(tiny_data["train"]), out_dir=str(tmp_path / "k"), val_dir=str(tiny_data["val"]),
+                      alpha=0.35, size=96, weights=str(WEIGHTS_035))
+    with caplog.at_level("WARNING", logger="edgetl"):
+        summary = train(cfg)
+    assert summary["feature_engine"]["engine"] == "keras" and summary["feature_engine"]["reason"] == "disagrees with Keras"
+    assert "computing features with Keras" in caplog.text
 
 
 def test_second_run_reuses_the_cache_and_gives_the_same_head(tiny_run, tiny_data, tmp_path):

@@ -8,7 +8,7 @@ import click
 
 from ..formats import BACKENDS, PRECISIONS
 from ..train.backbones import BACKBONES
-from ..train.config import CLASS_WEIGHTS, DISTRIBUTE, FINAL_FITS, SOLVERS, TrainConfig
+from ..train.config import CLASS_WEIGHTS, DISTRIBUTE, FEATURE_ENGINES, FINAL_FITS, SOLVERS, TrainConfig
 from .common import (
     ProgressBars,
     default,
@@ -97,13 +97,17 @@ _T = TrainConfig  # defaults are read from the config dataclass: written once
 @click.option("--seed", type=int, default=default(_T, "seed"), show_default=True, help="Random seed.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Feature cache folder (default: RUN_DIR/cache).")
+@click.option("--feature-engine", type=click.Choice(list(FEATURE_ENGINES)), default=default(_T, "feature_engine"),
+              show_default=True,
+              help="What runs the frozen backbone for features: litert (converted once into $KERAS_HOME/edgetl, "
+                   "checked against Keras on every run), keras, or auto (litert without a GPU).")
 @json_option
 @handle_errors
 def train(data_dir, out_dir, force, val_dir, val_split, backbone, alpha, size, weights, solver, l2, final_fit, epochs,
           batch_size,
           learning_rate, hidden, dropout, label_smoothing, class_weights, patience, augment, fine_tune_layers,
           fine_tune_from, fine_tune_epochs, fine_tune_lr, distribute, mixed_precision, strict, seed, cache_dir,
-          as_json):
+          feature_engine, as_json):
     """Train a classifier on DATA_DIR (one sub-folder of images per class).
 
     The frozen backbone turns each image into a feature once (cached in the run folder);
@@ -124,6 +128,7 @@ def train(data_dir, out_dir, force, val_dir, val_split, backbone, alpha, size, w
         patience=patience, augment=augment, fine_tune_layers=fine_tune_layers, fine_tune_from=fine_tune_from,
         fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr, distribute=distribute,
         mixed_precision=mixed_precision, strict=strict, seed=seed, cache_dir=str(cache_dir) if cache_dir else None,
+        feature_engine=feature_engine,
     )
     cfg.check()  # argument errors before TensorFlow is imported
     check_run_target(Path(out_dir), force)

@@ -10,6 +10,7 @@ CLASS_WEIGHTS = ("balanced", "none")
 SOLVERS = ("auto", "lbfgs", "adam")
 FINAL_FITS = ("all", "train")
 DISTRIBUTE = ("none", "mirrored", "multiworker")
+FEATURE_ENGINES = ("auto", "litert", "keras")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class TrainConfig:
         mixed_precision: float16 compute on GPU (ignored, with a warning, without one).
         strict: an unreadable image is an error instead of a skipped file.
         cache_dir: where features are cached; default ``<out_dir>/cache``.
+        feature_engine: what runs the frozen backbone for features: "litert" (the backbone
+            converted to TFLite once, checked against Keras on every run's first photos),
+            "keras", or "auto": litert without a GPU, keras with one.
     """
 
     data_dir: str
@@ -75,6 +79,7 @@ class TrainConfig:
     strict: bool = False
     seed: int = 0
     cache_dir: str | None = None
+    feature_engine: str = "auto"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -108,6 +113,8 @@ class TrainConfig:
         if self.solver == "lbfgs" and not self._linear_on_features:
             raise ConfigError("solver 'lbfgs' fits a linear head on cached features: it cannot take hidden layers, "
                               "augmentation or label smoothing; use solver 'adam' (or 'auto') for those")
+        if self.feature_engine not in FEATURE_ENGINES:
+            raise ConfigError(f"feature_engine must be one of {FEATURE_ENGINES}; received {self.feature_engine!r}")
         if self.class_weights not in CLASS_WEIGHTS:
             raise ConfigError(f"class_weights must be one of {CLASS_WEIGHTS}; received {self.class_weights!r}")
         if self.distribute not in DISTRIBUTE:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,11 +86,13 @@ def extract_features(
     strict: bool = False,
     progress: Progress | None = None,
     stage: str = "features",
+    decode_threads: int = 2,
 ) -> Features:
     """Run the backbone once per image that is not in the cache.
 
-    Each file is read once: its bytes give both the cache key and the decoded pixels.
-    A file that cannot be decoded is skipped with a warning (or raises with ``strict``).
+    Each file is read once: its bytes give both the cache key and the decoded pixels; files are
+    read and decoded ahead, in ``decode_threads`` threads, while the backbone runs. A file that
+    cannot be decoded is skipped with a warning (or raises with ``strict``).
     """
     n = len(samples)
     feats: list[np.ndarray | None] = [None] * n
@@ -117,31 +121,49 @@ def extract_features(
         if progress:
             progress(stage, done, n)
 
-    for i, s in enumerate(samples):
+    def load(s: Sample):  # in a worker thread: read, hash and (for a cache miss) decode
         try:
             data, digest = preprocess.read_file_bytes(s.path)
             cached = cache.get(digest) if cache is not None else None
-            if cached is None:  # decode only what the cache does not hold
-                img = preprocess.decode_image(data, str(s.path), spec.size)
+            img = None if cached is not None else preprocess.resize_rgb(
+                preprocess.decode_image(data, str(s.path), spec.size), spec.size)
+            return digest, cached, img, None
         except DataError as exc:
-            if strict:
-                raise DataError(f"{exc} (strict mode: bad files are errors)") from None
-            log.warning("skipping %s", exc)
-            skipped.append({"file": s.relpath, "reason": str(exc)})
-            done += 1
-            continue
-        if cached is not None:
-            feats[i] = cached
-            hits += 1
-            done += 1
-            if progress and done % batch_size == 0:
-                progress(stage, done, n)
-            continue
-        pending_idx.append(i)
-        pending_px.append(preprocess.resize_rgb(img, spec.size))
-        pending_digest.append(digest)
-        if len(pending_idx) >= batch_size:
-            flush()
+            return None, None, None, exc
+
+    # Decoding runs ahead in threads (PIL releases the GIL) while the backbone runs on a batch.
+    with ThreadPoolExecutor(max_workers=decode_threads) as pool:
+        ahead: deque = deque()
+        it = iter(enumerate(samples))
+        for i, s in it:
+            ahead.append((i, s, pool.submit(load, s)))
+            if len(ahead) >= 2 * batch_size:
+                break
+        while ahead:
+            i, s, fut = ahead.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                ahead.append((nxt[0], nxt[1], pool.submit(load, nxt[1])))
+            digest, cached, img, exc = fut.result()
+            if exc is not None:
+                if strict:
+                    raise DataError(f"{exc} (strict mode: bad files are errors)") from None
+                log.warning("skipping %s", exc)
+                skipped.append({"file": s.relpath, "reason": str(exc)})
+                done += 1
+                continue
+            if cached is not None:
+                feats[i] = cached
+                hits += 1
+                done += 1
+                if progress and done % batch_size == 0:
+                    progress(stage, done, n)
+                continue
+            pending_idx.append(i)
+            pending_px.append(img)
+            pending_digest.append(digest)
+            if len(pending_idx) >= batch_size:
+                flush()
     flush()
     if progress:
         progress(stage, n, n)
