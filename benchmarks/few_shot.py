@@ -18,9 +18,9 @@ measured on all of hymenoptera/val and old-class accuracy on flowers/test (500),
   keeps the held-back photos within ``--budget`` of the first head's accuracy is added to the
   new classes of the head fitted on everything (no test photo is used to choose it).
 
-Then, through the device's own ``Learner`` (a temporary store, the first 10 photos of each
-class in file order, the default trainer): new and old classes with the default calibration and
-with ``old_class_budget=None``, and what the training recorded (bias, held-back costs).
+Then, through the device's own ``Learner`` (a temporary store per draw, the defaults): ants +
+bees, and each flower class removed from the bundle and learned back from k photos, scored as
+nearest class mean, head and ``auto`` (what ``device predict`` answers with).
 
 Prints the tables, writes benchmarks/results/few_shot.json.
 """
@@ -46,30 +46,61 @@ def features(bundle, entry, paths: list[Path]) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def through_learner(bundle: Path, hym: Path) -> list[dict]:
-    """ants + bees from their first 10 photos, through Learner.add/train/evaluate."""
+def through_learner(bundle: Path, seeds: int, ks: tuple[int, ...] = (1, 5, 10)) -> list[dict]:
+    """The device's own path: Learner with a fresh store, k photos per new class stored, trained
+    with the defaults, then scored as nearest class mean, head and ``auto`` (what ``device
+    predict`` answers with). Scenarios: ants + bees added to the bundle; each bundle class in turn
+    removed (``Learner.remove``: its unit and its replay photos are gone) and learned back from
+    k of its training photos under a new name. Features are computed once and stored directly."""
     import tempfile
 
-    from edgetl.device import HeadTrainConfig, Learner
+    from edgetl.device import Learner
 
-    rows = []
-    for name, cfg in (("default (Adam, old_class_budget 0.02)", HeadTrainConfig()),
-                      ("no calibration (old_class_budget None)", HeadTrainConfig(old_class_budget=None))):
-        with tempfile.TemporaryDirectory(prefix="edgetl-few-shot-") as tmp:
-            learner = Learner.open(bundle, store=Path(tmp) / "store.sqlite", threads=1)
-            try:
-                for c in ("ants", "bees"):
-                    learner.add(sorted((hym / "train" / c).glob("*.jpg"))[:10], c)
-                r = learner.train(cfg)
-                new = learner.evaluate(hym / "val")["accuracy"]
-                old = learner.evaluate(SHARED / "datasets/flowers/test")["accuracy"]
-            finally:
-                learner.close()
-        b = r.get("new_class_bias")
-        rows.append({"recipe": name, "new_classes_accuracy": new, "old_classes_accuracy": old,
-                     "activated": r["activated"],
-                     **({"bias": b["bias"], "held_back_cost": b["cost"], "held_back_cost_without_bias":
-                         b["cost_without_bias"], "held_back_replay": b["held_back_replay"]} if b else {})})
+    flowers, hym = SHARED / "datasets/flowers", SHARED / "datasets/hymenoptera"
+    with tempfile.TemporaryDirectory(prefix="edgetl-few-shot-") as tmp:
+        probe = Learner.open(bundle, store=Path(tmp) / "probe.sqlite", threads=2)
+        labels = probe.labels()
+
+        def feats(folder: Path) -> np.ndarray:
+            return probe.features(sorted(folder.glob("*.jpg")))[0]
+
+        test = {c: feats(flowers / "test" / c) for c in labels}
+        scenarios = [("ants + bees", None, {c: feats(hym / "train" / c) for c in ("ants", "bees")},
+                      {c: feats(hym / "val" / c) for c in ("ants", "bees")}, test)]
+        for c in labels:
+            scenarios.append((f"{c} held out", c, {f"{c} (new)": feats(flowers / "train" / c)},
+                              {f"{c} (new)": test[c]}, {o: test[o] for o in labels if o != c}))
+        probe.close()
+        rows = []
+        for name, removed, pools, new_test, old_test in scenarios:
+            for k in ks:
+                acc: dict[str, list] = {}
+                for seed in range(seeds):
+                    rng = np.random.default_rng(seed)
+                    learner = Learner.open(bundle, store=Path(tmp) / f"{name}-{k}-{seed}.sqlite".replace(" ", "_"),
+                                           threads=1)
+                    try:
+                        if removed:
+                            learner.remove(removed)
+                        for label, pool in pools.items():
+                            pick = rng.choice(len(pool), k, replace=False)
+                            learner.store.add(pool[pick], label, [f"{label}-{i}" for i in pick],
+                                              [f"{label}-{i}-{seed}" for i in pick])
+                        r = learner.train()
+                        auto = learner.answer_mode("auto")[0]
+                        for key, mode in (("ncm", "ncm"), ("head", "head"), ("auto", auto)):
+                            for group, sets in (("new", new_test), ("old", old_test)):
+                                xs = np.concatenate(list(sets.values()))
+                                truth = [c for c, x in sets.items() for _ in range(len(x))]
+                                names, probs = learner.scores(xs, mode)
+                                hit = [names[j] == t for j, t in zip(probs.argmax(1), truth)]
+                                acc.setdefault(f"{key} {group}", []).append(float(np.mean(hit)))
+                        acc.setdefault("auto is head", []).append(float(auto == "head"))
+                        acc.setdefault("bias", []).append((r.get("new_class_bias") or {}).get("bias", 0.0))
+                    finally:
+                        learner.close()
+                rows.append({"scenario": name, "photos_per_class": k, "draws": seeds,
+                             **{key: float(np.mean(v)) for key, v in acc.items()}})
     return rows
 
 
@@ -173,14 +204,17 @@ def main() -> None:
                         "new_classes_accuracy": float(a[:, 0].mean()), "old_classes_accuracy": float(a[:, 1].mean()),
                         **({"bias_mean": float(np.mean(deltas))} if deltas else {})})
         rows.append(row)
-    learner_rows = through_learner(args.bundle, hym)
+    learner_rows = through_learner(args.bundle, args.seeds)
     cpu = cpu_fingerprint()
     print(f"{entry['file']} of {args.bundle}; flowers/test with the bundle's head: {base_old:.3f}; "
           f"{args.seeds} draws per k; {describe_cpu(cpu)}")
     print(table(["recipe", "k=1 new", "k=1 old", "k=5 new", "k=5 old", "k=10 new", "k=10 old"], rows))
-    print(table(["Learner, first 10 photos per class", "new classes", "old classes", "bias", "held-back cost"],
-                [[r["recipe"], f"{r['new_classes_accuracy']:.3f}", f"{r['old_classes_accuracy']:.3f}",
-                  r.get("bias", ""), r.get("held_back_cost", "")] for r in learner_rows]))
+    print(f"\nthe device's Learner (defaults; {args.seeds} random draws), accuracy on new / old classes:")
+    print(table(["scenario", "k", "NCM new", "NCM old", "head new", "head old", "auto new", "auto old",
+                 "auto = head", "bias"],
+                [[r["scenario"], r["photos_per_class"], *[f"{r[f'{m} {g}']:.3f}" for m in ("ncm", "head", "auto")
+                                                          for g in ("new", "old")],
+                  f"{r['auto is head']:.2f}", f"{r['bias']:.2f}"] for r in learner_rows]))
     path = write_json("few_shot", {"bundle": str(args.bundle), "backbone_file": entry["file"],
                                    "old_classes_accuracy_before": base_old, "budget": args.budget, "rows": doc,
                                    "learner": learner_rows})

@@ -98,7 +98,7 @@ def test_add_train_predict_learns_new_classes(learner):
 def test_rollback_restores_the_previous_head_exactly(learner):
     before = learner.store.head()
     probe = ANTS[20:23]
-    p_before = learner.predict(probe)["predictions"]
+    p_before = learner.predict(probe, mode="head")["predictions"]
     learner.add(ANTS[:5], "ants")
     learner.train(HeadTrainConfig(epochs=3))
     assert learner.store.active_version() == 2
@@ -107,7 +107,7 @@ def test_rollback_restores_the_previous_head_exactly(learner):
     after = learner.store.head()
     for (w1, b1), (w2, b2) in zip(before.layers, after.layers):
         assert np.array_equal(w1, w2) and np.array_equal(b1, b2)
-    assert learner.predict(probe)["predictions"] == p_before
+    assert learner.predict(probe, mode="head")["predictions"] == p_before
     learner.rollback(2)
     assert learner.labels()[-1] == "ants"
     with pytest.raises(StoreError, match=r"no head version 9 in .*; see 'history'"):
@@ -657,3 +657,52 @@ def test_a_training_that_forgets_the_bundles_classes_is_kept_but_not_activated(l
     assert history[-1]["version"] == r["version"] and not history[-1]["active"]
     forced = learner.train(HeadTrainConfig(optimizer="lbfgs"), force=True)
     assert forced["activated"] and learner.store.active_version() == forced["version"]
+
+
+def test_auto_mode_answers_with_class_means_until_the_head_knows_every_class(learner):
+    learner.add(ANTS[:6], "ants")
+    before = learner.predict(ANTS[6:8])
+    assert before["mode"] == "ncm" and "ants" in before["mode_reason"] and "not in the head yet" in before["mode_reason"]
+    assert {t["label"] for p in before["predictions"] for t in p["top"]} <= set(learner.labels()) | {"ants"}
+    assert learner.predict(ANTS[6:8], mode="head")["mode"] == "head"  # asked for: the head, without ants
+    r = learner.train()
+    check = r["ncm_check"]
+    assert check["photos"] == r["new_class_bias"]["held_back_replay"] and 0 <= check["head"] <= 1 and 0 <= check["ncm"] <= 1
+    after = learner.predict(ANTS[6:8])
+    assert after["mode"] == ("ncm" if check["ncm"] > check["head"] else "head"), (check, after["mode_reason"])
+
+
+def test_head_scores_are_temperature_calibrated_and_low_ones_can_be_unknown(learner):
+    from edgetl.device.headtrain import fit_temperature, with_temperature
+    from edgetl.head_arrays import head_predict
+
+    learner.add(ANTS[:6], "ants")
+    r = learner.train()
+    t = r["temperature"]
+    assert t["value"] > 0 and t["nll_after"] <= t["nll_before"] + 1e-6 and t["photos"] >= 1
+    feats = learner.features(ANTS[6:8])[0]
+    head = learner.store.head()
+    want = with_temperature(head_predict(feats, head.layers), t["value"]).max(axis=1)
+    got = [p["score"] for p in learner.predict(ANTS[6:8], mode="head")["predictions"]]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    none = learner.predict(ANTS[6:8], mode="head", unknown_below=0.0)["predictions"]
+    assert all(p["label"] is not None and "unknown" not in p for p in none)
+    every = learner.predict(ANTS[6:8], mode="head", unknown_below=1.0)["predictions"]
+    assert all(p["label"] is None and p["unknown"] and p["top"] for p in every)
+    # Over-confident scores get a temperature above 1, under-confident ones below.
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    logits = rng.normal(0, 1, (400, 3))
+    logits[np.arange(400), y] += 1.0
+    p = np.exp(4 * logits) / np.exp(4 * logits).sum(axis=1, keepdims=True)  # 4x too sharp
+    assert 2.5 < fit_temperature(p, y)[0] < 6
+    q = np.exp(0.25 * logits) / np.exp(0.25 * logits).sum(axis=1, keepdims=True)
+    assert fit_temperature(q, y)[0] < 0.5
+
+
+def test_ncm_centres_features_on_the_replay_mean():
+    means = np.array([[11.0, 10.0], [10.0, 11.0]], np.float32)
+    x = np.array([[10.9, 10.1]], np.float32)  # nearer the first mean, but all three point the same way
+    raw = ncm_predict(x, means)
+    centred = ncm_predict(x, means, centre=np.array([10.5, 10.5], np.float32))
+    assert raw[0, 0] < 0.6 and centred[0, 0] > 0.99

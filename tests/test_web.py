@@ -158,7 +158,8 @@ def test_teach_from_the_page_camera_and_files(server, browser):
     d.execute_script("arguments[0].style.display = 'block'", picker)
     picker.send_keys(str(ANTS[30]))
     d.execute_script("arguments[0].style.display = ''", picker)
-    _wait(d, lambda d: "head" in d.find_element(By.ID, "prediction-meta").text, what="the photo's prediction")
+    _wait(d, lambda d: ANTS[30].name in d.find_element(By.ID, "prediction-meta").text, what="the photo's prediction")
+    assert d.find_element(By.ID, "prediction-meta").text.split(" · ")[2] in ("head", "ncm")
 
     # On a phone's screen (headless Chromium's windows are at least 500 px wide: emulate the phone's
     # viewport): nothing may stick out sideways.

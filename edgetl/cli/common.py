@@ -227,6 +227,10 @@ def print_predictions(predictions: list[dict]) -> None:
         if "error" in p:
             click.echo(f"{p['file']}: error: {p['error']}")
             continue
+        if p.get("unknown"):
+            guesses = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.get("top", []))
+            click.echo(f"{p['file']}: unknown  [{guesses}]")
+            continue
         rest = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.get("top", [])[1:])
         click.echo(f"{p['file']}: {p['label']} ({p['score']:.3f})" + (f"  [{rest}]" if rest else ""))
 

@@ -12,6 +12,7 @@ import click
 
 from ..data import expand_images
 from ..device.headtrain import OPTIMIZERS, HeadTrainConfig
+from ..device.learner import MODES
 from ..device.service import Limits
 from ..device.tflite_trainer import config_for
 from ..formats import BACKENDS, PRECISIONS
@@ -19,7 +20,6 @@ from ..selftest import describe_cpu
 from .common import emit, emit_json, handle_errors, json_option, print_table, report_predictions, setup_logging
 
 TRAINERS = ("numpy", "tflite")
-MODES = ("head", "ncm")
 
 
 _H = HeadTrainConfig()  # the NumPy trainer's defaults, read (never re-typed) for the help texts
@@ -246,18 +246,26 @@ def train(ctx, epochs, learning_rate, batch_size, optimizer, subspace_dim, l2, n
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many of the best labels to show per image.")
-@click.option("--mode", type=click.Choice(list(MODES)), default="head", show_default=True,
-              help="head: the trained head; ncm: nearest class mean of stored samples (no training needed).")
-def predict(ctx, images, top_k, mode, as_json):
-    """Classify IMAGES (files, folders or glob patterns) with the active head (or nearest class mean)."""
-    r = _learner(ctx, readonly=True).predict([str(i) for i in expand_images(list(images))], top_k=top_k, mode=mode)
+@click.option("--mode", type=click.Choice(list(MODES)), default="auto", show_default=True,
+              help="head: the trained head (scores calibrated on held-back photos); ncm: nearest class mean of "
+                   "stored samples and replay (no training needed); auto: ncm while a stored class is not in the "
+                   "head yet or when it beat the head on the last training's held-back photos, else head.")
+@click.option("--unknown-below", type=click.FloatRange(0, 1), default=None,
+              help="Answer 'unknown' for a photo whose best score is below this (e.g. 0.5); its best guesses are "
+                   "still listed.")
+def predict(ctx, images, top_k, mode, unknown_below, as_json):
+    """Classify IMAGES (files, folders or glob patterns) with the active head or nearest class mean."""
+    r = _learner(ctx, readonly=True).predict([str(i) for i in expand_images(list(images))], top_k=top_k, mode=mode,
+                                             unknown_below=unknown_below)
+    if not as_json and r.get("mode_reason") and r["mode"] == "ncm":
+        click.echo(f"answered by {r['mode_reason']}", err=True)
     report_predictions(r, as_json)
 
 
 @device_command("eval")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--mode", type=click.Choice(list(MODES)), default="head", show_default=True,
-              help="head: the active head; ncm: nearest class mean.")
+@click.option("--mode", type=click.Choice(list(MODES)), default="auto", show_default=True,
+              help="head: the active head; ncm: nearest class mean; auto: what 'predict' would use.")
 def eval_cmd(ctx, data_dir, mode, as_json):
     """Accuracy on DATA_DIR (one sub-folder per class), for the bundle's classes and the new ones apart."""
     r = _learner(ctx, readonly=True).evaluate(data_dir, mode=mode)

@@ -34,7 +34,16 @@ from ..metrics import top_k as top_k_labels
 from ..selftest import References, cpu_fingerprint, describe_cpu, verdict
 from ..selftest import measure as measure_self_test
 from ..head_solver import Subspace
-from .headtrain import HeadTrainConfig, add_classes, drop_classes, ncm_predict, resolve_optimizer, train_head
+from .headtrain import (
+    HeadTrainConfig,
+    add_classes,
+    drop_classes,
+    fit_temperature,
+    ncm_predict,
+    resolve_optimizer,
+    train_head,
+    with_temperature,
+)
 from .store import SampleStore
 
 log = logging.getLogger("edgetl")
@@ -122,6 +131,9 @@ def _replay_held_back(y: np.ndarray, ids: np.ndarray, old_classes: list[int], ev
 
 BIAS_GRID = tuple(np.arange(0.0, 4.01, 0.25))
 GUARD_MIN_PHOTOS = 50  # held-back replay photos needed to refuse a training for forgetting
+# auto: nearest class mean while some stored class is not in the head yet, or when it beat the
+# head on the last training's held-back photos; the head otherwise.
+MODES = ("auto", "head", "ncm")
 
 
 def _new_class_bias(layers, x: np.ndarray, y: np.ndarray, device_classes: list[int], num_classes: int,
@@ -190,6 +202,7 @@ class Learner:
             raise ConfigError(f"trainer must be 'numpy' or 'tflite'; received {trainer!r}")
         self.trainer = trainer
         self._decoder: ThreadPoolExecutor | None = None  # started by the first multi-photo call
+        self._centre_value: np.ndarray | None = None
         if store.active_version() is None and not store.readonly:
             store.save_head(list(bundle.labels), bundle.head(backbone_entry),
                             {"origin": "bundle", "note": "the workstation head from the bundle"})
@@ -410,6 +423,7 @@ class Learner:
         # training features' directions: the same problem, 10x fewer numbers (head_solver.Subspace).
         sub = None
         solved = {} if self.trainer == "numpy" and resolve_optimizer(cfg, layers) == "lbfgs" else None
+        x_full = x
         if solved is not None and cfg.subspace_dim:
             sub, x, space = self._coordinates(x, ids, cfg.subspace_dim)
             layers = sub.restrict(layers)
@@ -436,6 +450,7 @@ class Learner:
         step = 1.0 / phases
         start = 0.0
         bias = None
+        checks: dict = {}
         if calibrate:
             # What the bundle's classes score on held-back replay photos without the device's
             # classes, then with them: the budget bounds the difference, bias included.
@@ -460,13 +475,17 @@ class Learner:
             bias = _new_class_bias(part, x[replay_back], y[replay_back], device_classes, len(labels_all),
                                    cfg.old_class_budget, reference)
             bias["classes"] = [labels_all[c] for c in device_classes]
+            checks = self._answer_checks(_with_bias(part, bias, labels_all), x, x_full, y, replay_back,
+                                         "replay photos of the bundle's classes")
         heldout = None
-        if back_held is not None:
+        if back_held is not None:  # (its checks replace the replay ones: they are the device's own photos)
             if back_held.any():
                 part, _ = fit(layers, x[~back_held], y[~back_held], start, start + step)
                 start += step
                 heldout = _heldout_report(_with_bias(part, bias, labels_all), x[back_held], y[back_held],
                                           ids[back_held], labels_all)
+                checks = self._answer_checks(_with_bias(part, bias, labels_all), x, x_full, y, back_held,
+                                             f"every {holdout_every}th stored photo of each class")
             else:
                 heldout = {"available": False, "reason": f"too few samples to hold any back: a class needs at "
                                                          f"least {holdout_every} stored photos"}
@@ -489,6 +508,7 @@ class Learner:
                 "seconds": round(time.perf_counter() - t0, 4)}
         if solved:  # the last fit's: iterations, final loss, largest gradient component, converged
             info["solver"] = solved
+        info.update(checks)
         if heldout is not None:
             info["heldout"] = heldout
         activate = True
@@ -526,6 +546,49 @@ class Learner:
         else:
             z[~stored] = sub.project(x[~stored])
         return sub, z, {"subspace_dim": sub.dim, "principal": base.dim, "from_samples": sub.dim - base.dim}
+
+    def _centre(self) -> np.ndarray | None:
+        """The mean feature NCM centres on: the bundle's replay photos' (the exporter ships the
+        same mean as the replay file's ``basis_mean``); None without replay features."""
+        if self._centre_value is None:
+            replay = self.bundle.replay(self.backbone_entry)
+            self._centre_value = replay[0].mean(axis=0) if replay is not None and len(replay[0]) else np.zeros(0)
+        return self._centre_value if self._centre_value.size else None
+
+    def _answer_checks(self, head, x: np.ndarray, x_full: np.ndarray, y: np.ndarray, back: np.ndarray,
+                       what: str) -> dict:
+        """On the held-back rows ``back`` (``head`` was fitted without them; ``x`` in its
+        coordinates, ``x_full`` the features): the head's accuracy against nearest class mean's
+        (means of the rows not held back), which decides predict's ``auto`` mode, and the
+        temperature that calibrates the head's scores."""
+        yb = y[back]
+        probs = head_predict(x[back], head)
+        rest = ~back
+        present = np.array([c for c in range(head[-1][0].shape[1]) if (y[rest] == c).any()])
+        means = np.stack([x_full[rest & (y == c)].mean(axis=0) for c in present])
+        ncm = present[ncm_predict(x_full[back], means, centre=self._centre()).argmax(1)]
+        t, before, after = fit_temperature(probs, yb)
+        return {"ncm_check": {"held_back": what, "photos": int(back.sum()),
+                              "head": float((probs.argmax(1) == yb).mean()), "ncm": float((ncm == yb).mean())},
+                "temperature": {"value": round(t, 4), "nll_before": round(before, 4), "nll_after": round(after, 4),
+                                "photos": int(back.sum())}}
+
+    def answer_mode(self, mode: str = "auto") -> tuple[str, str | None]:
+        """Which of head and NCM answers ``mode``, and why (for ``auto``)."""
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(map(repr, MODES))}; received {mode!r}")
+        if mode != "auto":
+            return mode, None
+        head = self.store.head()
+        untrained = [n for n in self.store.counts() if n not in head.labels]
+        if untrained:
+            return "ncm", (f"nearest class mean: {', '.join(map(printable, untrained))} not in the head yet "
+                           "('train' makes one)")
+        check = head.info.get("ncm_check")
+        if check and check["ncm"] > check["head"]:
+            return "ncm", (f"nearest class mean: it scored {check['ncm']:.3f} against the head's {check['head']:.3f} "
+                           f"on {check['photos']} held-back {check['held_back']}")
+        return "head", None
 
     def metrics(self) -> dict:
         """The active head measured on stored samples it was not trained on.
@@ -580,17 +643,18 @@ class Learner:
         s = SampleStore(self.store.path, self.bundle.feature_dim, identity=self.backbone_entry["sha256"])
         return Learner(self.bundle, s, self.backbone_entry, self.runner, self.trainer)
 
-    def predict(self, images: list[str | Path], top_k: int = 3, mode: str = "head") -> dict:
-        """Same document as ``edgetl predict --json``; ``mode='ncm'`` uses class means, no training."""
-        if mode not in ("head", "ncm"):
-            raise ConfigError(f"mode must be 'head' or 'ncm'; received {mode!r}")
+    def predict(self, images: list[str | Path], top_k: int = 3, mode: str = "auto",
+                unknown_below: float | None = None) -> dict:
+        """Same document as ``edgetl predict --json``. ``mode``: head (the active head; its scores
+        temperature-calibrated on the last training's held-back photos), ncm (nearest class mean of
+        stored samples and replay, centred features: no training needed) or auto (see
+        :meth:`answer_mode`). A photo whose best score is below ``unknown_below`` is answered
+        ``label: null, unknown: true`` (its top labels are still listed)."""
+        if unknown_below is not None and not 0.0 <= unknown_below <= 1.0:
+            raise ConfigError(f"unknown_below must be in [0, 1]; received {unknown_below}")
+        used, reason = self.answer_mode(mode)
         feats, _, kept, errors = self.features(list(images))
-        if mode == "head":
-            head = self.store.head()
-            labels, probs = head.labels, head_predict(feats, head.layers) if len(feats) else np.zeros((0, 1))
-        else:
-            labels, means = self.class_means()
-            probs = ncm_predict(feats, means) if len(feats) else np.zeros((0, 1))
+        labels, probs = self.scores(feats, used)
         preds = []
         tops = top_k_labels(probs, labels, top_k) if len(feats) else []
         by_file = dict(zip(kept, tops))
@@ -599,10 +663,25 @@ class Learner:
             key = str(img)
             if key in by_file:
                 t = by_file[key]
-                preds.append({"file": printable(key), "label": t[0]["label"], "score": t[0]["score"], "top": t})
+                unknown = unknown_below is not None and t[0]["score"] < unknown_below
+                preds.append({"file": printable(key), "label": None if unknown else t[0]["label"],
+                              "score": t[0]["score"], "top": t, **({"unknown": True} if unknown else {})})
             else:
                 preds.append({"file": printable(key), "error": err_by_file.get(printable(key), "not processed")})
-        return {"predictions": preds, "mode": mode, "head_version": self.store.active_version()}
+        out = {"predictions": preds, "mode": used, "head_version": self.store.active_version()}
+        if mode == "auto":
+            out["mode_reason"] = reason or "the trained head"
+        return out
+
+    def scores(self, feats: np.ndarray, mode: str) -> tuple[list[str], np.ndarray]:
+        """The labels and the scores of features under ``mode`` 'head' (temperature-calibrated)
+        or 'ncm' (centred nearest class mean)."""
+        if mode == "head":
+            head = self.store.head()
+            t = (head.info.get("temperature") or {}).get("value")
+            return head.labels, with_temperature(head_predict(feats, head.layers), t) if len(feats) else np.zeros((0, 1))
+        labels, means = self.class_means()
+        return labels, ncm_predict(feats, means, centre=self._centre()) if len(feats) else np.zeros((0, 1))
 
     def class_means(self) -> tuple[list[str], np.ndarray]:
         """Mean feature per class: stored samples and, for the bundle's classes, replay features."""
@@ -634,12 +713,13 @@ class Learner:
     def history(self) -> list[dict]:
         return self.store.history()
 
-    def evaluate(self, data_dir: str | Path, mode: str = "head") -> dict:
-        """Accuracy of the active head (or NCM) on a class folder, split into the bundle's
-        original classes and the classes learned on the device."""
+    def evaluate(self, data_dir: str | Path, mode: str = "auto") -> dict:
+        """Accuracy of the active head (or NCM, or what ``auto`` picks) on a class folder, split
+        into the bundle's original classes and the classes learned on the device."""
         from ..data import scan_folder
         from ..metrics import classification_report
 
+        mode, _ = self.answer_mode(mode)
         labels = self.labels() if mode == "head" else self.class_means()[0]
         folder = scan_folder(data_dir, classes=labels)
         if not folder.samples:

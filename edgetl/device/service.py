@@ -33,6 +33,7 @@ from pathlib import Path
 from ..errors import ConfigError, DataError, EdgetlError, StoreError
 from ..labels import printable
 from .headtrain import HeadTrainConfig
+from .learner import MODES
 
 log = logging.getLogger("edgetl")
 
@@ -416,9 +417,18 @@ def create_app(open_learner, token: str | None = None, limits: Limits | None = N
         return JSONResponse(j.doc())
 
     async def predict(request):
-        mode = request.query_params.get("mode", "head")
-        if mode not in ("head", "ncm"):
-            raise HTTPProblem(400, f"mode must be 'head' or 'ncm'; received {printable(mode)!r}")
+        mode = request.query_params.get("mode", "auto")
+        if mode not in MODES:
+            raise HTTPProblem(400, f"mode must be one of {', '.join(map(repr, MODES))}; received {printable(mode)!r}")
+        unknown_below = request.query_params.get("unknown_below")
+        if unknown_below is not None:
+            try:
+                unknown_below = float(unknown_below)
+            except ValueError:
+                raise HTTPProblem(400, f"unknown_below must be a number in [0, 1]; received "
+                                       f"{printable(unknown_below)!r}") from None
+            if not 0.0 <= unknown_below <= 1.0:
+                raise HTTPProblem(400, f"unknown_below must be a number in [0, 1]; received {unknown_below}")
         top = _int(request.query_params.get("top", "3"), "top")
         if not 1 <= top <= 20:
             raise HTTPProblem(400, f"top must be 1..20; received {top}")
@@ -431,13 +441,14 @@ def create_app(open_learner, token: str | None = None, limits: Limits | None = N
             if errors:
                 raise HTTPProblem(errors[0]["status"], f"{errors[0]['file']}: {errors[0]['error']}")
             t0 = time.perf_counter()
-            r = await svc.call(svc.learner.predict, paths, top_k=top, mode=mode)
+            r = await svc.call(svc.learner.predict, paths, top_k=top, mode=mode, unknown_below=unknown_below)
             ms = (time.perf_counter() - t0) * 1000
         p = r["predictions"][0]
         if "error" in p:
             raise HTTPProblem(400, f"{names[0]}: {p['error'].replace(tmp + os.sep, '')}")
         return JSONResponse({"file": names[0], "label": p["label"], "score": p["score"], "top": p["top"],
-                             "version": r["head_version"], "mode": mode, "ms": round(ms, 2)})
+                             "unknown": bool(p.get("unknown")), "version": r["head_version"], "mode": r["mode"],
+                             "mode_reason": r.get("mode_reason"), "ms": round(ms, 2)})
 
     async def history(request):
         def get():

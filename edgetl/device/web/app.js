@@ -306,8 +306,11 @@ async function frameBlob() {
 }
 
 function showPrediction(r) {
-  $("#prediction-label").textContent = `${r.label} ${(100 * r.score).toFixed(0)} %`;
-  $("#prediction-meta").textContent = `version ${r.version} · ${r.mode} · ${r.ms.toFixed(0)} ms`;
+  $("#prediction-label").textContent = r.unknown
+    ? `unknown (best guess ${r.top[0].label} ${(100 * r.score).toFixed(0)} %)`
+    : `${r.label} ${(100 * r.score).toFixed(0)} %`;
+  $("#prediction-meta").textContent = `${r.file} · version ${r.version} · ${r.mode} · ${r.ms.toFixed(0)} ms`;
+  $("#prediction-meta").title = r.mode_reason || "";
   const bars = $("#bars");
   bars.replaceChildren();
   for (const t of r.top) {
