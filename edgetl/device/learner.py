@@ -191,6 +191,23 @@ def _heldout_report(layers, x: np.ndarray, y: np.ndarray, ids: np.ndarray, label
             "accuracy": float((pred == y).mean()), "confusion": confusion.tolist(), "misclassified": wrong}
 
 
+def _start_old_classes(layers, reference: dict, old: list[int]):
+    """``layers`` with the bundle's classes' units replaced by the reference head's (the
+    solution without the device's classes, in the same coordinates; rows beyond its own, the
+    stored photos' directions, start at 0): a converged fit then starts next to its minimum."""
+    if len(layers) != 1 or "w" not in reference:
+        return layers
+    w, b = layers[0]
+    wo, bo = np.asarray(reference["w"], np.float32), np.asarray(reference["b"], np.float32)
+    if wo.ndim != 2 or wo.shape[0] > w.shape[0] or wo.shape[1] != len(old) or bo.shape != (len(old),):
+        return layers
+    w, b = w.copy(), b.copy()
+    w[:, old] = 0.0
+    w[: wo.shape[0], old] = wo
+    b[old] = bo - bo.mean() + b[old].mean()  # (softmax ignores a common shift: keep the new units' level)
+    return [(w, b)]
+
+
 class Learner:
     def __init__(self, bundle: Bundle, store: SampleStore, backbone_entry: dict, runner, trainer: str = "numpy"):
         self.bundle = bundle
@@ -461,16 +478,20 @@ class Learner:
                 [self.bundle.digest, self.backbone_entry["file"], [labels_all[c] for c in old], self.trainer,
                  {k: v for k, v in asdict(cfg).items() if k != "old_class_budget"}]).encode()).hexdigest()
             cached = self.store.get_meta(key)
-            if cached is None:
+            doc = json.loads(cached) if cached else None
+            if not isinstance(doc, dict) or "accuracy" not in doc:
                 rows_old = ~replay_back & np.isin(y, old)
                 part_old, _ = fit(drop_classes(layers, old), x[rows_old], remap[y[rows_old]], start, start + step)
                 reference = float((head_predict(x[replay_back], part_old).argmax(1) == remap[y[replay_back]]).mean())
+                doc = {"accuracy": reference}
+                if len(part_old) == 1:  # the solution too: the next training starts its old classes there
+                    doc.update(w=part_old[0][0].tolist(), b=part_old[0][1].tolist())
                 if not self.store.readonly:
-                    self.store.set_meta(key, json.dumps(reference))
-            else:
-                reference = float(json.loads(cached))
+                    self.store.set_meta(key, json.dumps(doc))
+            reference = float(doc["accuracy"])
             start += step
-            part, part_losses = fit(layers, x[~replay_back], y[~replay_back], start, start + step)
+            part, part_losses = fit(_start_old_classes(layers, doc, old) if solved is not None else layers,
+                                    x[~replay_back], y[~replay_back], start, start + step)
             start += step
             bias = _new_class_bias(part, x[replay_back], y[replay_back], device_classes, len(labels_all),
                                    cfg.old_class_budget, reference)
@@ -564,8 +585,11 @@ class Learner:
         yb = y[back]
         probs = head_predict(x[back], head)
         rest = ~back
-        present = np.array([c for c in range(head[-1][0].shape[1]) if (y[rest] == c).any()])
-        means = np.stack([x_full[rest & (y == c)].mean(axis=0) for c in present])
+        counts = np.bincount(y[rest], minlength=head[-1][0].shape[1])
+        present = np.flatnonzero(counts)
+        onehot = np.zeros((len(present), len(y)), np.float32)  # class sums as one product
+        onehot[np.searchsorted(present, y[rest]), np.flatnonzero(rest)] = 1.0
+        means = (onehot @ x_full) / counts[present, None]
         ncm = present[ncm_predict(x_full[back], means, centre=self._centre()).argmax(1)]
         t, before, after = fit_temperature(probs, yb)
         return {"ncm_check": {"held_back": what, "photos": int(back.sum()),
