@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=list(BACKENDS), default=None,
                    help="backbone runtime (default: the bundle's preferred backbone file)")
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: all cores)")
-    p.add_argument("--epochs", type=int, default=HeadTrainConfig().epochs, help="head training passes (full batch)")
+    p.add_argument("--epochs", type=int, default=HeadTrainConfig().epochs,
+                   help="at most this many solver iterations (Adam: full-batch steps) per training")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
