@@ -217,8 +217,8 @@ def add_classes(layers: Layers, x: np.ndarray, y: np.ndarray, new_ids: list[int]
     if not new_ids:
         return layers
     layers = [(w.copy(), b.copy()) for w, b in layers]
-    acts, _ = forward(layers, np.asarray(x, np.float32))
-    h = acts[-1]
+    # The last layer's input: the features themselves for a head without hidden layers.
+    h = np.asarray(x, np.float32) if len(layers) == 1 else forward(layers, np.asarray(x, np.float32))[0][-1]
     w, b = layers[-1]
     centre = h.mean(axis=0)
     norms = np.linalg.norm(w, axis=0)
