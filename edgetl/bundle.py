@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from .formats import FILE_ROLES, PREFERENCE, runs_format
 from .head_arrays import Layers, load_head
 from .labels import check_label
 from .preprocess import Preprocessing
+
+log = logging.getLogger("edgetl")
 
 BUNDLE_FORMAT = "edgetl-bundle"
 FORMAT_VERSION = 1
@@ -138,10 +141,18 @@ class Bundle:
         if (name, dim) not in self._subspace:
             with np.load(self.path(self._entry(name, "replay")), allow_pickle=False) as z:
                 shipped = (z["basis_mean"], z["basis"]) if "basis" in z.files and "basis_mean" in z.files else None
+            sub = None
             if shipped is not None and shipped[1].ndim == 2 and shipped[1].shape[0] >= dim \
                     and shipped[1].shape[1] == self.feature_dim and shipped[0].shape == (self.feature_dim,):
-                sub = Subspace(shipped[0].astype(np.float32), np.ascontiguousarray(shipped[1][:dim], np.float32))
-            else:
+                mean, basis = shipped[0].astype(np.float32), np.ascontiguousarray(shipped[1][:dim], np.float32)
+                # Used only if it is what the solver assumes: finite, orthonormal rows.
+                if np.isfinite(mean).all() and np.isfinite(basis).all() and \
+                        np.abs(basis @ basis.T - np.eye(len(basis), dtype=np.float32)).max() < 1e-3:
+                    sub = Subspace(mean, basis)
+                else:
+                    log.warning("bundle %s: replay file %s ships principal directions that are not finite and "
+                                "orthonormal; computing them from its features", self.source, name)
+            if sub is None:
                 sub = Subspace.principal(replay[0], dim)
             coords = sub.project(replay[0])
             coords.flags.writeable = False

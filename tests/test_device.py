@@ -706,3 +706,33 @@ def test_ncm_centres_features_on_the_replay_mean():
     raw = ncm_predict(x, means)
     centred = ncm_predict(x, means, centre=np.array([10.5, 10.5], np.float32))
     assert raw[0, 0] < 0.6 and centred[0, 0] > 0.99
+
+
+def test_shipped_principal_directions_are_used_only_if_orthonormal(device_bundle, tmp_path, caplog):
+    """An edited replay file (its hashes forged in the manifest) whose directions are not
+    orthonormal would make the subspace solve a different problem: they are recomputed."""
+    from edgetl.bundle import manifest_digest, open_bundle
+    from edgetl.fileio import sha256_file
+
+    copy = tmp_path / "b"
+    shutil.copytree(device_bundle, copy)
+    b = open_bundle(copy)
+    backbone = next(e for e in b.entries("backbone") if e.get("replay"))
+    name = backbone["replay"]
+    with np.load(copy / name) as z:
+        arrays = {k: z[k] for k in z.files}
+    k = len(arrays["basis"])
+    assert k >= 2
+    sub, coords = b.replay_subspace(backbone, k)  # as exported: used as shipped
+    np.testing.assert_array_equal(sub.basis, arrays["basis"][:k])
+    arrays["basis"] = arrays["basis"] * 3.0
+    np.savez(copy / name, **arrays)
+    m = json.loads((copy / "manifest.json").read_text())
+    for e in m["files"]:
+        e["bytes"], e["sha256"] = (copy / e["file"]).stat().st_size, sha256_file(copy / e["file"])
+    m["manifest_sha256"] = manifest_digest(m)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with caplog.at_level("WARNING", logger="edgetl"):
+        sub, coords = open_bundle(copy).replay_subspace(backbone, k)
+    assert "not finite and orthonormal" in caplog.text
+    np.testing.assert_allclose(sub.basis @ sub.basis.T, np.eye(sub.dim), atol=1e-4)
