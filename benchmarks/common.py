@@ -32,6 +32,26 @@ def cpu_line() -> str:
     return f"{fp.get('model') or platform.processor() or platform.machine()}, {describe_cpu(fp)}"
 
 
+def inference_seconds(bundle, entry: dict, photo: Path, runs: int = 100, warmup: int = 10) -> float:
+    """Median seconds of one batch-1 run of a bundle's model file on one photo, 1 thread."""
+    import time
+
+    import numpy as np
+
+    from edgetl import preprocess
+
+    runner = bundle.open_model(entry, threads=1)
+    x1 = runner.prepare(preprocess.load_pixels(photo, bundle.preprocessing.size)[0][None], bundle.preprocessing)
+    for _ in range(warmup):
+        runner.run_prepared(x1)
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.run_prepared(x1)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
 def write_json(name: str, obj: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, SHARED, cpu_line, table, write_json  # noqa: E402
+from benchmarks.common import RESULTS, SHARED, cpu_line, inference_seconds, table, write_json  # noqa: E402
 from edgetl.formats import FORMATS, LITERT  # noqa: E402
 
 HYM = SHARED / "datasets/hymenoptera"
@@ -78,23 +78,12 @@ def retrain(bundle: Path, per_class: int, repeats: int = 7) -> dict:
     (measures the bundle's reference on held-back replay, kept in the store), then ``repeats``
     more from the bundle's head (rollback 1, train), medians. With the solver's report and the
     largest gradient component of the full-feature-space problem at the head it kept."""
-    from edgetl import preprocess
     from edgetl.device import HeadTrainConfig, Learner
     from edgetl.device.learner import _replay_held_back
     from edgetl.head_solver import gradient_max
 
     learner = Learner.open(bundle, store=Path(tempfile.mkdtemp()) / "r.sqlite", backend=LITERT, precision="int8")
-    runner = learner.bundle.open_model(learner.backbone_entry, threads=1)
-    px = preprocess.load_pixels(photos(HYM / "train" / "ants")[0], learner.bundle.preprocessing.size)[0]
-    x1 = runner.prepare(px[None], learner.bundle.preprocessing)
-    for _ in range(10):
-        runner.run_prepared(x1)
-    ts = []
-    for _ in range(100):
-        t0 = time.perf_counter()
-        runner.run_prepared(x1)
-        ts.append(time.perf_counter() - t0)
-    t_inf = float(np.median(ts))
+    t_inf = inference_seconds(learner.bundle, learner.backbone_entry, photos(HYM / "train" / "ants")[0])
     learner.add(photos(HYM / "train" / "ants")[:per_class], "ants")
     learner.add(photos(HYM / "train" / "bees")[:per_class], "bees")
     import scipy.optimize  # noqa: F401  (imported once per process: not a training's cost)

@@ -54,6 +54,7 @@ class Bundle:
         self.backbone_identity: dict = manifest["backbone"]
         self._replay: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # read once per file (read-only arrays)
         self._subspace: dict[tuple[str, int], tuple] = {}
+        self._shipped_basis: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # replay file -> (mean, basis)
 
     def close(self) -> None:
         if self._finalizer is not None:
@@ -139,8 +140,7 @@ class Bundle:
             return None
         name = backbone_entry["replay"]
         if (name, dim) not in self._subspace:
-            with np.load(self.path(self._entry(name, "replay")), allow_pickle=False) as z:
-                shipped = (z["basis_mean"], z["basis"]) if "basis" in z.files and "basis_mean" in z.files else None
+            shipped = self._shipped_basis.get(name)
             sub = None
             if shipped is not None and shipped[1].ndim == 2 and shipped[1].shape[0] >= dim \
                     and shipped[1].shape[1] == self.feature_dim and shipped[0].shape == (self.feature_dim,):
@@ -160,10 +160,14 @@ class Bundle:
         return self._subspace[(name, dim)]
 
     def _read_replay(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels; the principal directions the exporter ships beside them, if any,
+        are kept for replay_subspace (the file is read once)."""
         entry = self._entry(name, "replay")
         try:
             with np.load(self.path(entry), allow_pickle=False) as z:
                 feats, labels = z["features"].astype(np.float32), z["labels"].astype(np.int64)
+                if "basis" in z.files and "basis_mean" in z.files:
+                    self._shipped_basis[name] = (z["basis_mean"], z["basis"])
         except (ValueError, KeyError, OSError) as exc:
             raise BundleError(f"bundle {self.source}: replay file {name} is not a features/labels npz ({exc})") from None
         if feats.ndim != 2 or feats.shape[1] != self.feature_dim or len(labels) != len(feats):

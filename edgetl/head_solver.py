@@ -1,6 +1,6 @@
 """The converged head solver: multinomial logistic regression by L-BFGS (NumPy + SciPy, no
-TensorFlow). The workstation (``edgetl train``) and the device (``device train --optimizer
-lbfgs``) both import it from here, so both sides fit a head the same way.
+TensorFlow). The workstation (``edgetl train``) and the device (``device train``'s default) both
+import it from here, so both sides fit a head the same way.
 
 The problem is the one :func:`edgetl.device.headtrain.train_head` descends on: (class-weighted)
 mean cross-entropy + l2/2 * |W|^2, the bias not penalised, for a head without hidden layers,
@@ -10,22 +10,27 @@ the sample order).
 
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import dataclass
+
+import numpy as np
 
 from .errors import ConfigError
 from .head_arrays import Layers
+
+
+def balanced_class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per class: N / (C_present * n_c), 0 for a class without samples (Keras' class_weight on
+    the workstation and the solvers' sample weights use the same numbers)."""
+    counts = np.bincount(np.asarray(y, np.int64), minlength=num_classes).astype(np.float64)
+    present = int((counts > 0).sum())
+    return np.where(counts > 0, len(y) / (max(present, 1) * np.maximum(counts, 1)), 0.0)
 
 
 def class_weights(y: np.ndarray, num_classes: int, balance: bool) -> np.ndarray:
     """Per-sample weights: N / (C_present * n_c) when balancing, else ones."""
     if not balance:
         return np.ones(len(y), np.float32)
-    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-    present = int((counts > 0).sum())
-    per_class = np.where(counts > 0, len(y) / (present * np.maximum(counts, 1)), 0.0)
-    return per_class[y].astype(np.float32)
+    return balanced_class_weights(y, num_classes)[y].astype(np.float32)
 
 
 SOLVER_GTOL = 1e-5  # stop when the largest gradient component is below this
@@ -58,8 +63,9 @@ def solve_softmax(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, bal
                   max_iter: int = SOLVER_MAX_ITER, dtype=np.float64) -> tuple[Layers, dict]:
     """The L2-regularised softmax regression of ``y`` (class indices) on ``x``, solved by
     SciPy's L-BFGS-B (the products with the features in ``dtype``: float32 halves their cost, for
-    cross-validation's many rough fits; the rest in float64). Returns the head ([(W, b)], float32) and what the solver did
-    (iterations, final loss, largest gradient component, whether it converged)."""
+    cross-validation's many rough fits and the device; the rest in float64). Returns the head
+    ([(W, b)], float32) and what the solver did (iterations, function evaluations, final loss,
+    largest gradient component, whether it converged)."""
     from scipy.optimize import minimize
 
     if l2 < 0:
@@ -103,8 +109,8 @@ def solve_softmax(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, bal
     w = res.x[: d * c].reshape(d, c)
     b = res.x[d * c :] - mean @ w
     b -= b.mean()  # softmax ignores a shift of every bias alike: one representative, whatever the start
-    info = {"solver": "lbfgs", "l2": float(l2), "iterations": int(res.nit), "evaluations": int(res.nfev), "loss": float(res.fun),
-            "grad_max": float(np.abs(res.jac).max()), "converged": bool(res.success)}
+    info = {"solver": "lbfgs", "l2": float(l2), "iterations": int(res.nit), "evaluations": int(res.nfev),
+            "loss": float(res.fun), "grad_max": float(np.abs(res.jac).max()), "converged": bool(res.success)}
     return [(w.astype(np.float32), b.astype(np.float32))], info
 
 

@@ -29,11 +29,11 @@ from ..bundle import Bundle, open_bundle
 from ..errors import BundleError, ConfigError, DataError, EdgetlError, StoreError
 from ..formats import FORMATS, MODEL_ROLES
 from ..head_arrays import head_predict
+from ..head_solver import Subspace
 from ..labels import check_label, printable, storable
 from ..metrics import top_k as top_k_labels
 from ..selftest import References, cpu_fingerprint, describe_cpu, verdict
 from ..selftest import measure as measure_self_test
-from ..head_solver import Subspace
 from .headtrain import (
     HeadTrainConfig,
     add_classes,
@@ -193,8 +193,9 @@ def _heldout_report(layers, x: np.ndarray, y: np.ndarray, ids: np.ndarray, label
 
 def _start_old_classes(layers, reference: dict, old: list[int]):
     """``layers`` with the bundle's classes' units replaced by the reference head's (the
-    solution without the device's classes, in the same coordinates; rows beyond its own, the
-    stored photos' directions, start at 0): a converged fit then starts next to its minimum."""
+    solution without the device's classes, along the same leading coordinates; the rows beyond
+    them, the stored photos' directions, start at 0): a converged fit then starts next to its
+    minimum."""
     if len(layers) != 1 or "w" not in reference:
         return layers
     w, b = layers[0]
@@ -485,7 +486,9 @@ class Learner:
                 reference = float((head_predict(x[replay_back], part_old).argmax(1) == remap[y[replay_back]]).mean())
                 doc = {"accuracy": reference}
                 if len(part_old) == 1:  # the solution too: the next training starts its old classes there
-                    doc.update(w=part_old[0][0].tolist(), b=part_old[0][1].tolist())
+                    # (its rows along the bundle's own directions: the stored photos' ones change)
+                    rows = (solved or {}).get("principal", len(part_old[0][0]))
+                    doc.update(w=part_old[0][0][:rows].tolist(), b=part_old[0][1].tolist())
                 if not self.store.readonly:
                     self.store.set_meta(key, json.dumps(doc))
             reference = float(doc["accuracy"])

@@ -3,9 +3,9 @@
 Keras runs the pooled MobileNetV2 at ~110 images/s on a 2-core x86 (AVX-512); the same float32
 graph converted to TFLite runs ~2x faster in LiteRT (see benchmarks/train_speed.py). The file is
 converted once per backbone identity (architecture, size, weights hash: ``Backbone.key()``) and
-kept beside the Keras weights, in ``$KERAS_HOME/edgetl/backbones/<key>.tflite``. Every run checks it
-against the Keras model on its first batch of photos before using it; a file that disagrees
-is not used (Keras computes the features, with a warning).
+kept beside the Keras weights, in ``$KERAS_HOME/edgetl/backbones/<key>.tflite``. Every run that
+computes features checks it against the Keras model on photos of its first batch before using
+it; a file that disagrees is not used (Keras computes the features, with a warning).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_write_bytes
 from ..weights import keras_models_dir
 from .backbones import Backbone
 
 log = logging.getLogger("edgetl")
 
 AGREEMENT = 1e-3  # the largest |LiteRT - Keras| feature difference allowed, relative to the largest feature
+PROBE_PHOTOS = 8  # photos the LiteRT file is checked against Keras on, every run that computes features
 
 
 def backbone_cache_dir() -> Path:
@@ -49,17 +49,19 @@ class LiteRTBackbone:
 
 
 def convert(backbone: Backbone, path: Path) -> None:
-    """The Keras backbone as a float32 TFLite file (through a SavedModel, as the exporter does)."""
-    import tensorflow as tf
+    """The Keras backbone as a float32 TFLite file: the exporter's own fp32 conversion (through a
+    SavedModel) and its checks of the file."""
+    from ..export.common import ExportSource
+    from ..export.config import ExportConfig
+    from ..export.tflite import export as export_tflite
 
     work = Path(tempfile.mkdtemp(prefix="edgetl-backbone-"))
     try:
-        backbone.model.export(str(work / "saved_model"), format="tf_saved_model", verbose=False)
-        flatbuffer = tf.lite.TFLiteConverter.from_saved_model(str(work / "saved_model")).convert()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        source = ExportSource("backbone", backbone.model, work, np.zeros((0, backbone.size, backbone.size, 3), np.float32))
+        export_tflite(source, path, "fp32", ExportConfig())
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, flatbuffer)
 
 
 def litert_backbone(backbone: Backbone, probe: np.ndarray) -> tuple[LiteRTBackbone | None, dict]:
@@ -74,16 +76,37 @@ def litert_backbone(backbone: Backbone, probe: np.ndarray) -> tuple[LiteRTBackbo
             convert(backbone, path)
             info["converted"] = True
         fast = LiteRTBackbone(path, backbone.feature_dim)
-        if len(probe):
-            want = np.asarray(backbone.model.predict_on_batch(probe), np.float32)
-            got = fast.predict_on_batch(probe)
-            diff = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
-            info["max_relative_difference"] = diff
-            if not diff <= AGREEMENT:
-                log.warning("the LiteRT backbone %s differs from Keras by %.2g (allowed %g); computing features with "
-                            "Keras", path, diff, AGREEMENT)
-                return None, {**info, "used": False, "reason": "disagrees with Keras"}
+        want = np.asarray(backbone.model.predict_on_batch(probe), np.float32)
+        got = fast.predict_on_batch(probe)
+        diff = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
+        info["max_relative_difference"] = diff
+        if not diff <= AGREEMENT:
+            log.warning("the LiteRT backbone %s differs from Keras by %.2g (allowed %g); computing features with "
+                        "Keras", path, diff, AGREEMENT)
+            return None, {**info, "used": False, "reason": "disagrees with Keras"}
         return fast, {**info, "used": True}
     except Exception as exc:  # a converter or runtime failure costs speed, never the run
         log.warning("cannot use LiteRT for features (%s); computing them with Keras", str(exc).splitlines()[0][:200])
         return None, {**info, "used": False, "reason": str(exc).splitlines()[0][:200]}
+
+
+class FeatureEngine:
+    """What :func:`edgetl.train.features.extract_features` runs the photos through. With
+    ``litert``, the choice is made on the first batch the cache does not hold: the LiteRT file is
+    checked against Keras on up to ``PROBE_PHOTOS`` of its photos, and Keras computes the
+    features if it disagrees or cannot be made. Nothing is converted or checked when every
+    feature is cached. ``info`` says what happened (the run's ``feature_engine``)."""
+
+    def __init__(self, backbone: Backbone, litert: bool):
+        self.backbone = backbone
+        self.output_shape = (None, backbone.feature_dim)
+        self._model = None if litert else backbone.model
+        self.info: dict = ({"engine": "litert", "used": False, "reason": "every feature was cached"} if litert
+                           else {"engine": "keras"})
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        if self._model is None:
+            fast, info = litert_backbone(self.backbone, np.asarray(x[:PROBE_PHOTOS], np.float32))
+            self._model = fast or self.backbone.model
+            self.info = {"engine": "litert" if fast is not None else "keras", **info}
+        return np.asarray(self._model.predict_on_batch(x), np.float32)

@@ -21,6 +21,7 @@ from ..head_arrays import head_predict, save_head
 from ..metrics import classification_report
 from .backbones import Backbone, build_backbone, weights_digest
 from .config import TrainConfig
+from .fast_features import FeatureEngine
 from .features import FeatureCache, Features, extract_features
 from .head import (
     augmentation_layers,
@@ -54,13 +55,12 @@ def gpu_names() -> list[str]:
 
 
 def class_weight_map(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
+    """Keras' class_weight: the solvers' balanced weights (edgetl.head_solver), or None."""
+    from ..head_solver import balanced_class_weights
+
     if mode == "none":
         return None
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    present = counts > 0
-    weights = np.zeros(num_classes)
-    weights[present] = len(labels) / (present.sum() * counts[present])
-    return {i: float(w) for i, w in enumerate(weights)}
+    return {i: float(w) for i, w in enumerate(balanced_class_weights(labels, num_classes))}
 
 
 def _progress_callback(progress: Progress | None, stage: str, total: int):
@@ -198,39 +198,6 @@ def _solve_head(cfg: TrainConfig, tr: Features, va: Features, num_classes: int, 
     return final, val_layers, summary, row
 
 
-PROBE_PHOTOS = 8  # photos the LiteRT backbone is checked against Keras on, every run
-
-
-def _feature_engine(cfg: TrainConfig, backbone: Backbone, gpus: list[str], samples, cache: FeatureCache):
-    """What computes the features: the Keras model, or (``feature_engine`` litert, or auto
-    without a GPU) its LiteRT conversion once it agrees with Keras on a few of the photos.
-    Nothing is converted or checked when the cache already holds every photo's feature."""
-    from .. import preprocess
-
-    if cfg.feature_engine == "keras" or (cfg.feature_engine == "auto" and gpus):
-        return backbone.model, {"engine": "keras"}
-    spec = backbone.preprocessing
-    probe, misses = [], 0
-    for s in samples:
-        try:
-            data, digest = preprocess.read_file_bytes(s.path)
-            if cache.get(digest) is not None:
-                continue
-            misses += 1
-            if len(probe) < PROBE_PHOTOS:
-                probe.append(preprocess.resize_rgb(preprocess.decode_image(data, str(s.path), spec.size), spec.size))
-        except DataError:
-            continue
-        if len(probe) >= PROBE_PHOTOS:
-            break
-    if not misses:
-        return backbone.model, {"engine": "keras", "reason": "every feature was cached"}
-    from .fast_features import litert_backbone
-
-    fast, info = litert_backbone(backbone, preprocess.normalize(np.stack(probe), spec) if probe else np.zeros((0,)))
-    return (fast, {"engine": "litert", **info}) if fast is not None else (backbone.model, {"engine": "keras", **info})
-
-
 def _set_head(head_model, layers) -> None:
     """Put solved (W, b) arrays into the Keras head's Dense layers: Keras model, head.npz, the
     bundle and the device then hold the same numbers."""
@@ -286,7 +253,8 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     cache = FeatureCache(cache_dir, backbone.key(), backbone.feature_dim)
     t0 = time.perf_counter()
-    extractor, engine = _feature_engine(cfg, backbone, gpus, train_folder.samples + val_folder.samples, cache)
+    # LiteRT without a GPU (auto), checked against Keras on the first photos it computes.
+    extractor = FeatureEngine(backbone, cfg.feature_engine == "litert" or (cfg.feature_engine == "auto" and not gpus))
     tr = extract_features(extractor, train_folder.samples, spec, cache,
                           batch_size=cfg.batch_size, strict=cfg.strict, progress=progress, stage="features (train)")
     va = extract_features(extractor, val_folder.samples, spec, cache,
@@ -394,7 +362,7 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
         "augment": cfg.augment,
         "feature_cache": {"path": str(_final_path(cache.path, out, target)), "hits": tr.cache_hits + va.cache_hits,
                           "computed": tr.computed + va.computed},
-        "feature_engine": engine,
+        "feature_engine": extractor.info,
         "devices": {"gpus": gpus, "distribute": cfg.distribute,
                     "replicas": int(strategy.num_replicas_in_sync)},
         "timings_s": {"features": round(t_features, 3), "head": round(t_head, 3),
