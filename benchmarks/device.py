@@ -89,7 +89,8 @@ def retrain(bundle: Path, per_class: int, repeats: int = 7) -> dict:
     import scipy.optimize  # noqa: F401  (imported once per process: not a training's cost)
 
     rows = []
-    for name, cfg in (("default (L-BFGS, 192-d subspace)", HeadTrainConfig()),
+    for name, cfg in ((f"default (L-BFGS, {HeadTrainConfig().subspace_dim}-d subspace)", HeadTrainConfig()),
+                      ("L-BFGS, 192-d subspace", HeadTrainConfig(subspace_dim=192)),
                       ("L-BFGS, 128-d subspace", HeadTrainConfig(subspace_dim=128)),
                       ("L-BFGS, full feature space", HeadTrainConfig(subspace_dim=0)),
                       ("Adam, 300 full-batch steps (former default)", HeadTrainConfig(optimizer="adam"))):

@@ -630,7 +630,11 @@ def test_new_classes_get_a_bias_chosen_on_held_back_replay(learner):
     # The next training removes the bias before it starts and chooses it afresh: it never piles up.
     again = learner.train(cfg)
     assert again["new_class_bias"]["bias"] == b["bias"]
-    np.testing.assert_allclose(learner.store.head().layers[-1][1], first[-1][1], atol=1e-2)  # to the solver's tolerance
+    # The same biases to the solver's tolerance (it stops at a largest gradient component of 1e-4,
+    # and the tiny bundle's biases are loosely pinned: 0.016 apart from two starts); a bias that
+    # piled up would move the new classes' by a grid step (0.25).
+    np.testing.assert_allclose(learner.store.head().layers[-1][1], first[-1][1], atol=0.05)
+    assert BIAS_GRID[1] - BIAS_GRID[0] >= 0.25
     off = learner.train(HeadTrainConfig(optimizer="lbfgs", old_class_budget=None))
     assert "new_class_bias" not in off and off["num_samples"] == r["num_samples"]
 

@@ -39,6 +39,7 @@ from .headtrain import (
     add_classes,
     drop_classes,
     fit_temperature,
+    ncm_nearest,
     ncm_predict,
     resolve_optimizer,
     train_head,
@@ -593,7 +594,7 @@ class Learner:
         onehot = np.zeros((len(present), len(y)), np.float32)  # class sums as one product
         onehot[np.searchsorted(present, y[rest]), np.flatnonzero(rest)] = 1.0
         means = (onehot @ x_full) / counts[present, None]
-        ncm = present[ncm_predict(x_full[back], means, centre=self._centre()).argmax(1)]
+        ncm = present[ncm_nearest(x_full[back], means, centre=self._centre())]
         t, before, after = fit_temperature(probs, yb)
         return {"ncm_check": {"held_back": what, "photos": int(back.sum()),
                               "head": float((probs.argmax(1) == yb).mean()), "ncm": float((ncm == yb).mean())},

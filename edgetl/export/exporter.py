@@ -453,12 +453,12 @@ def _write_replay(staging: Path, backbone_file: str, feats: np.ndarray, labels: 
     """Replay features for on-device retraining, made with THIS backbone file (float16 on disk),
     with their mean and leading principal directions (float32): the subspace a device retrain
     solves in (edgetl.head_solver.Subspace), computed once here instead of on every device."""
-    from ..head_solver import Subspace
+    from ..head_solver import SHIPPED_DIRECTIONS, Subspace
 
     name = f"replay_{backbone_file.replace('.', '_')}.npz"
     order = np.argsort(labels, kind="stable")  # grouped by class, photos in the run's order
     feats = feats[order].astype(np.float16)
-    sub = Subspace.principal(feats.astype(np.float32))  # of the features as the device reads them
+    sub = Subspace.principal(feats.astype(np.float32), SHIPPED_DIRECTIONS)  # of the features as the device reads them
     buf = io.BytesIO()
     np.savez(buf, features=feats, labels=labels[order].astype(np.int64), basis_mean=sub.mean, basis=sub.basis)
     atomic_write_bytes(staging / name, buf.getvalue())
