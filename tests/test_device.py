@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -524,6 +525,10 @@ def test_device_cli_round_trip_json(device_bundle, tmp_path):
     assert pred["label"] == pred["top"][0]["label"]
     r = runner.invoke(cli, [*base, "history", "--json"])
     assert [v["version"] for v in json.loads(r.stdout)["versions"]] == [1, 2]
+    r = runner.invoke(cli, [*base, "train"])  # the text summary reports the solver and its final gradient
+    assert r.exit_code == 0 and "head version 3:" in r.output, r.output
+    assert re.search(r"solver: L-BFGS in a \d+-d subspace .*, converged \(largest gradient component \d\.\de-\d\d\)",
+                     r.output), r.output
     r = runner.invoke(cli, [*base, "rollback", "1", "--json"])
     assert json.loads(r.stdout)["version"] == 1
     r = runner.invoke(cli, [*base, "remove", "ants", "--json"])

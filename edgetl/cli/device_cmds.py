@@ -230,6 +230,13 @@ def train(ctx, epochs, learning_rate, batch_size, optimizer, subspace_dim, l2, n
                f"loss {r['final_loss']:.4f}, {r['seconds']:.3f} s")
     if r["new_classes"]:
         click.echo(f"new classes: {', '.join(r['new_classes'])}")
+    sv = r.get("solver")
+    if sv:
+        space = (f"in a {sv['subspace_dim']}-d subspace ({sv['principal']} principal + {sv['from_samples']} from the "
+                 "stored photos)" if sv.get("subspace_dim") else "in the full feature space")
+        click.echo(f"solver: L-BFGS {space}, L2 {sv['l2']:g}, {sv['iterations']} iterations, "
+                   f"{'converged' if sv['converged'] else 'NOT converged'} (largest gradient component "
+                   f"{sv['grad_max']:.1e})")
     b = r.get("new_class_bias")
     if b:
         click.echo(f"bundle's classes on {b['held_back_replay']} held-back replay photos: {100 * b['cost']:.1f} points "
