@@ -32,24 +32,41 @@ def cpu_line() -> str:
     return f"{fp.get('model') or platform.processor() or platform.machine()}, {describe_cpu(fp)}"
 
 
+class InferenceClock:
+    """Batch-1 runs of a bundle's model file on one photo, 1 thread, sampled in between the
+    runs they are compared with (a shared machine's speed drifts: a ratio is then measured side
+    by side, not against a number taken minutes earlier)."""
+
+    def __init__(self, bundle, entry: dict, photo: Path, warmup: int = 10):
+        from edgetl import preprocess
+
+        self.runner = bundle.open_model(entry, threads=1)
+        self.x1 = self.runner.prepare(preprocess.load_pixels(photo, bundle.preprocessing.size)[0][None],
+                                      bundle.preprocessing)
+        self.times: list[float] = []
+        for _ in range(warmup):
+            self.runner.run_prepared(self.x1)
+
+    def sample(self, runs: int = 20) -> None:
+        import time
+
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            self.runner.run_prepared(self.x1)
+            self.times.append(time.perf_counter() - t0)
+
+    def seconds(self) -> float:
+        """Median seconds of one run over every sample so far."""
+        import numpy as np
+
+        return float(np.median(self.times))
+
+
 def inference_seconds(bundle, entry: dict, photo: Path, runs: int = 100, warmup: int = 10) -> float:
     """Median seconds of one batch-1 run of a bundle's model file on one photo, 1 thread."""
-    import time
-
-    import numpy as np
-
-    from edgetl import preprocess
-
-    runner = bundle.open_model(entry, threads=1)
-    x1 = runner.prepare(preprocess.load_pixels(photo, bundle.preprocessing.size)[0][None], bundle.preprocessing)
-    for _ in range(warmup):
-        runner.run_prepared(x1)
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        runner.run_prepared(x1)
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    clock = InferenceClock(bundle, entry, photo, warmup)
+    clock.sample(runs)
+    return clock.seconds()
 
 
 def write_json(name: str, obj: dict) -> Path:

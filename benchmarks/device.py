@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, SHARED, cpu_line, inference_seconds, table, write_json  # noqa: E402
+from benchmarks.common import RESULTS, SHARED, InferenceClock, cpu_line, table, write_json  # noqa: E402
 from edgetl.formats import FORMATS, LITERT  # noqa: E402
 
 HYM = SHARED / "datasets/hymenoptera"
@@ -83,7 +83,8 @@ def retrain(bundle: Path, per_class: int, repeats: int = 7) -> dict:
     from edgetl.head_solver import gradient_max
 
     learner = Learner.open(bundle, store=Path(tempfile.mkdtemp()) / "r.sqlite", backend=LITERT, precision="int8")
-    t_inf = inference_seconds(learner.bundle, learner.backbone_entry, photos(HYM / "train" / "ants")[0])
+    clock = InferenceClock(learner.bundle, learner.backbone_entry, photos(HYM / "train" / "ants")[0])
+    clock.sample(50)
     learner.add(photos(HYM / "train" / "ants")[:per_class], "ants")
     learner.add(photos(HYM / "train" / "bees")[:per_class], "bees")
     import scipy.optimize  # noqa: F401  (imported once per process: not a training's cost)
@@ -104,6 +105,7 @@ def retrain(bundle: Path, per_class: int, repeats: int = 7) -> dict:
             t0 = time.perf_counter()
             r = learner.train(cfg)
             times.append(time.perf_counter() - t0)
+            clock.sample(15)  # the inference it is compared with, in between
         head = learner.store.head()
         x, y, _, ids = learner._training_set(head.labels, with_ids=True)
         # The kept head was fitted without every 5th replay photo of the bundle's classes (its check).
@@ -115,14 +117,51 @@ def retrain(bundle: Path, per_class: int, repeats: int = 7) -> dict:
         solver = r.get("solver", {})
         rows.append({"recipe": name, "first_train_ms": round(1000 * t_first, 1),
                      "retrain_ms": round(1000 * float(np.median(times)), 1),
-                     "x_inference": round(float(np.median(times)) / t_inf, 1),
+                     "x_inference": round(float(np.median(times)) / clock.seconds(), 1),
                      "subspace_dim": solver.get("subspace_dim"), "iterations": solver.get("iterations"),
                      "solver_grad_max": solver.get("grad_max"), "converged": solver.get("converged"),
                      "full_space_grad_max": gradient_max(unbiased, x[fitted], y[fitted], cfg.l2),
                      "samples": r["num_samples"], "held_back_replay": bias.get("held_back_replay"),
                      "bias": bias.get("bias"), "first_seconds_recorded": first["seconds"]})
     learner.close()
-    return {"inference_ms": round(1000 * t_inf, 3), "backbone_file": learner.backbone_entry["file"], "rows": rows}
+    return {"inference_ms": round(1000 * clock.seconds(), 3), "backbone_file": learner.backbone_entry["file"],
+            "rows": rows}
+
+
+def retrain_by_store_size(bundle: Path, sizes: tuple[int, ...] = (10, 25, 50, 100), repeats: int = 5) -> dict:
+    """The default retrain as the store grows: ``n`` ants + ``n`` bees stored (a fresh store per
+    size), median of ``repeats`` retrains (rollback 1 + train) after the first, against one
+    inference measured in the same run. The stored photos add rows and, up to
+    head_solver.RESIDUAL_DIRECTIONS, dimensions to the solve."""
+    from edgetl.device import Learner
+
+    ants, bees = photos(HYM / "train" / "ants"), photos(HYM / "train" / "bees")
+    rows = []
+    clock = None
+    for n in sizes:
+        if n > min(len(ants), len(bees)):
+            continue
+        learner = Learner.open(bundle, store=Path(tempfile.mkdtemp()) / "s.sqlite", backend=LITERT, precision="int8")
+        if clock is None:
+            clock = InferenceClock(learner.bundle, learner.backbone_entry, ants[0])
+            clock.sample(50)
+        learner.add(ants[:n], "ants")
+        learner.add(bees[:n], "bees")
+        learner.train()
+        times = []
+        for _ in range(repeats):
+            learner.rollback(1)
+            t0 = time.perf_counter()
+            r = learner.train()
+            times.append(time.perf_counter() - t0)
+            clock.sample(15)
+        learner.close()
+        sv = r["solver"]
+        rows.append({"stored_per_class": n, "samples": r["num_samples"], "subspace_dim": sv["subspace_dim"],
+                     "from_samples": sv["from_samples"], "evaluations": sv["evaluations"],
+                     "grad_max": sv["grad_max"], "retrain_ms": round(1000 * float(np.median(times)), 1),
+                     "x_inference": round(float(np.median(times)) / clock.seconds(), 1)})
+    return {"inference_ms": round(1000 * clock.seconds(), 3), "rows": rows}
 
 
 WORKER = r"""
@@ -300,7 +339,15 @@ def main() -> None:
                   f"{r['full_space_grad_max']:.1e}"] for r in rt["rows"]]))
     print()
     if a.only == "retrain":
-        print(f"wrote {write_json('device_retrain', {'bundle': str(bundle), 'retrain': rt})}")
+        sizes = retrain_by_store_size(bundle)
+        print(f"the default retrain as the store grows (n ants + n bees stored; one inference "
+              f"{sizes['inference_ms']:.2f} ms in this run):")
+        print(table(["stored per class", "samples", "dims (from stored)", "evaluations", "grad max", "retrain ms",
+                     "x inference"],
+                    [[r["stored_per_class"], r["samples"], f"{r['subspace_dim']} ({r['from_samples']})", r["evaluations"],
+                      f"{r['grad_max']:.1e}", r["retrain_ms"], r["x_inference"]] for r in sizes["rows"]]))
+        print()
+        print(f"wrote {write_json('device_retrain', {'bundle': str(bundle), 'retrain': rt, 'by_store_size': sizes})}")
         return
     q = quality(bundle, a.per_class)
     s = [speed(bundle, b) for b in BACKENDS]

@@ -54,6 +54,7 @@ class Bundle:
         self.backbone_identity: dict = manifest["backbone"]
         self._replay: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # read once per file (read-only arrays)
         self._subspace: dict[tuple[str, int], tuple] = {}
+        self._class_sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._shipped_basis: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # replay file -> (mean, basis)
 
     def close(self) -> None:
@@ -127,6 +128,24 @@ class Bundle:
             feats.flags.writeable = labels.flags.writeable = False
             self._replay[name] = (feats, labels)
         return self._replay[name]
+
+    def replay_class_sums(self, backbone_entry: dict) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per bundle class, the sum of its replay features (float64, one row per label) and
+        their count, or None without replay features; computed once per bundle (a retrain's
+        class means and mean feature need them, without another pass over the replay)."""
+        replay = self.replay(backbone_entry)
+        if replay is None:
+            return None
+        name = backbone_entry["replay"]
+        if name not in self._class_sums:
+            feats, labels = replay
+            onehot = np.zeros((len(self.labels), len(labels)), np.float32)
+            onehot[labels, np.arange(len(labels))] = 1.0
+            sums = (onehot @ feats).astype(np.float64)
+            counts = np.bincount(labels, minlength=len(self.labels))
+            sums.flags.writeable = counts.flags.writeable = False
+            self._class_sums[name] = (sums, counts)
+        return self._class_sums[name]
 
     def replay_subspace(self, backbone_entry: dict, dim: int):
         """The replay features' mean and ``dim`` leading principal directions

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from ..bundle import Bundle, open_bundle
 from ..errors import BundleError, ConfigError, DataError, EdgetlError, StoreError
 from ..formats import FORMATS, MODEL_ROLES
 from ..head_arrays import head_predict
-from ..head_solver import Subspace
+from ..head_solver import Subspace, one_blas_thread
 from ..labels import check_label, printable, storable
 from ..metrics import top_k as top_k_labels
 from ..selftest import References, cpu_fingerprint, describe_cpu, verdict
@@ -130,6 +130,13 @@ def _replay_held_back(y: np.ndarray, ids: np.ndarray, old_classes: list[int], ev
     return _every_kth(y, ids < 0, every, old_classes)
 
 
+def _sum_by_class(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Row sums of ``x`` per class ``y`` (num_classes x d, float64), as one product."""
+    onehot = np.zeros((num_classes, len(y)), np.float32)
+    onehot[y, np.arange(len(y))] = 1.0
+    return (onehot @ np.asarray(x, np.float32)).astype(np.float64)
+
+
 BIAS_GRID = tuple(np.arange(0.0, 4.01, 0.25))
 GUARD_MIN_PHOTOS = 50  # held-back replay photos needed to refuse a training for forgetting
 # auto: nearest class mean while some stored class is not in the head yet, or when it beat the
@@ -210,6 +217,43 @@ def _start_old_classes(layers, reference: dict, old: list[int]):
     return [(w, b)]
 
 
+@dataclass(frozen=True)
+class TrainingSet:
+    """The features a retrain learns from, replay rows first, without copying the replay: the
+    bundle's read-only ``replay`` array (None without one) and the rows of it kept
+    (``replay_rows``; None: all of them), then the ``stored`` samples' features. ``y``: class
+    indices; ``ids``: stored sample ids, -1 - row for a replay feature."""
+
+    replay: np.ndarray | None
+    replay_rows: np.ndarray | None
+    stored: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+    counts: dict
+
+    @property
+    def n_replay(self) -> int:
+        return int(self.counts["replay"])
+
+    def replay_x(self) -> np.ndarray:
+        if self.replay is None:
+            return self.stored[:0]
+        return self.replay if self.replay_rows is None else self.replay[self.replay_rows]
+
+    def full(self) -> np.ndarray:
+        """Every row as one array (a copy of the replay)."""
+        return np.concatenate([self.replay_x(), self.stored]).astype(np.float32, copy=False)
+
+    def rows(self, mask: np.ndarray) -> np.ndarray:
+        """The features of the rows where ``mask`` (over all rows) is true."""
+        n = self.n_replay
+        picked = np.flatnonzero(mask[:n])
+        if self.replay_rows is not None:
+            picked = self.replay_rows[picked]
+        parts = [self.replay[picked]] if self.replay is not None else []
+        return np.concatenate([*parts, self.stored[mask[n:]]]).astype(np.float32, copy=False)
+
+
 class Learner:
     def __init__(self, bundle: Bundle, store: SampleStore, backbone_entry: dict, runner, trainer: str = "numpy"):
         self.bundle = bundle
@@ -222,6 +266,7 @@ class Learner:
         self.trainer = trainer
         self._decoder: ThreadPoolExecutor | None = None  # started by the first multi-photo call
         self._centre_value: np.ndarray | None = None
+        self._references: dict[str, dict] = {}  # the bundle-only reference fits (see train), by key
         if store.active_version() is None and not store.readonly:
             store.save_head(list(bundle.labels), bundle.head(backbone_entry),
                             {"origin": "bundle", "note": "the workstation head from the bundle"})
@@ -359,32 +404,32 @@ class Learner:
     def labels(self) -> list[str]:
         return list(self.store.head().labels)
 
-    def _training_set(self, labels: list[str], with_ids: bool = False):
-        """Replay + stored features of ``labels``: x, y (class indices), counts, and with
-        ``with_ids`` the stored sample ids (for a replay feature: -1 - its row in the replay file)."""
+    def _training_parts(self, labels: list[str]) -> TrainingSet:
+        """Replay + stored features of ``labels``, the replay not copied (see TrainingSet)."""
         index = {name: i for i, name in enumerate(labels)}
-        parts_x, parts_y = [], []
         replay = self.bundle.replay(self.backbone_entry)
-        n_replay = 0
+        rx, rows, parts_y = None, None, []
         if replay is not None:
             rx, ry = replay
             to_index = np.array([index.get(name, -1) for name in self.bundle.labels], np.int64)[ry]
-            keep_replay = np.flatnonzero(to_index >= 0)
-            parts_x.append(rx if len(keep_replay) == len(rx) else rx[keep_replay])  # (concatenate copies)
-            parts_y.append(to_index[keep_replay])
-            n_replay = len(keep_replay)
+            kept = np.flatnonzero(to_index >= 0)
+            rows = None if len(kept) == len(rx) else kept
+            parts_y.append(to_index[kept])
+        else:
+            kept = np.zeros(0, np.int64)
         sx, slabels, sids = self.store.samples()
         keep = [i for i, n in enumerate(slabels) if n in index]
-        parts_x.append(sx[keep])
         parts_y.append(np.array([index[slabels[i]] for i in keep], np.int64))
-        x = np.asarray(np.concatenate(parts_x), np.float32)
-        y = np.concatenate(parts_y)
-        counts = {"replay": n_replay, "stored": len(keep)}
-        if with_ids:
-            replay_rows = keep_replay if replay is not None else np.zeros(0, np.int64)
-            ids = np.concatenate([-1 - replay_rows, np.array([sids[i] for i in keep], np.int64)])
-            return x, y, counts, ids
-        return x, y, counts
+        stored = np.asarray(sx[keep], np.float32).reshape(len(keep), self.bundle.feature_dim)
+        ids = np.concatenate([-1 - kept, np.array([sids[i] for i in keep], np.int64)])
+        return TrainingSet(rx, rows, stored, np.concatenate(parts_y), ids,
+                           {"replay": int(len(kept)), "stored": len(keep)})
+
+    def _training_set(self, labels: list[str], with_ids: bool = False):
+        """Replay + stored features of ``labels``: x, y (class indices), counts, and with
+        ``with_ids`` the stored sample ids (for a replay feature: -1 - its row in the replay file)."""
+        ts = self._training_parts(labels)
+        return (ts.full(), ts.y, ts.counts, ts.ids) if with_ids else (ts.full(), ts.y, ts.counts)
 
     def train(self, config: HeadTrainConfig | None = None, progress: Callable[[float], None] | None = None,
               holdout_every: int | None = None, force: bool = False) -> dict:
@@ -405,6 +450,11 @@ class Learner:
         (with ``holdout_every``, a head fitted on everything). A training whose new classes cost
         more than that even without a bias (forgetting) is saved but not activated, unless ``force``.
         """
+        with one_blas_thread():  # (see head_solver.one_blas_thread: the pools otherwise spin against each other)
+            return self._train(config, progress, holdout_every, force)
+
+    def _train(self, config: HeadTrainConfig | None, progress: Callable[[float], None] | None,
+               holdout_every: int | None, force: bool) -> dict:
         if self.trainer == "tflite":
             from .tflite_trainer import config_for, train_with_tflite
 
@@ -418,13 +468,20 @@ class Learner:
             labels = list(current.labels)
             new = [name for name in self.store.counts() if name not in labels]
             labels_all = labels + new
-            x, y, counts, ids = self._training_set(labels_all, with_ids=True)
-        if len(x) == 0:
+            ts = self._training_parts(labels_all)
+        y, counts, ids = ts.y, ts.counts, ts.ids
+        if len(y) == 0:
             raise DataError("nothing to train on: no stored samples and no replay features; 'add' some photos first")
         # Start from the active head without the bias an earlier calibration gave its device classes
         # (each training chooses it afresh, so it never accumulates).
-        layers = add_classes(_without_bias(current.layers, current.info, labels), x, y,
-                             [labels_all.index(n) for n in new])
+        sums = self._class_sums(labels_all, ts)  # (no pass over the replay: its sums are cached)
+        start_layers = _without_bias(current.layers, current.info, labels)
+        new_ids = [labels_all.index(n) for n in new]
+        if len(start_layers) == 1:  # the new units start from the features of the stored photos
+            layers = add_classes(start_layers, ts.stored, y[ids >= 0], new_ids,
+                                 centre=(sums.sum(axis=0) / len(y)).astype(np.float32))
+        else:
+            layers = add_classes(start_layers, ts.full(), y, new_ids)
         # A class with no samples left (removed, then a rollback to a head that knew it) cannot
         # be learned: it is dropped from the new head, and the result says so.
         missing = [labels_all[c] for c in range(len(labels_all)) if not (y == c).any()]
@@ -434,7 +491,7 @@ class Learner:
                 raise DataError(f"no class has samples to train on ({', '.join(missing)}); 'add' some photos first")
             remap = np.full(len(labels_all), -1, np.int64)
             remap[keep] = np.arange(len(keep))
-            layers, y = drop_classes(layers, keep), remap[y]
+            layers, y, sums = drop_classes(layers, keep), remap[y], sums[keep]
             labels_all = [labels_all[c] for c in keep]
             new = [n for n in new if n not in missing]
 
@@ -442,11 +499,12 @@ class Learner:
         # training features' directions: the same problem, 10x fewer numbers (head_solver.Subspace).
         sub = None
         solved = {} if self.trainer == "numpy" and resolve_optimizer(cfg, layers) == "lbfgs" else None
-        x_full = x
         if solved is not None and cfg.subspace_dim:
-            sub, x, space = self._coordinates(x, ids, cfg.subspace_dim)
+            sub, x, space = self._coordinates(ts, cfg.subspace_dim)
             layers = sub.restrict(layers)
             solved.update(space)
+        else:
+            x = ts.full()
 
         def fit(start_layers, xs, ys, lo: float, hi: float):
             def on_epoch(epoch, _layers):
@@ -479,8 +537,10 @@ class Learner:
             key = "reference:" + hashlib.sha256(json.dumps(
                 [self.bundle.digest, self.backbone_entry["file"], [labels_all[c] for c in old], self.trainer,
                  {k: v for k, v in asdict(cfg).items() if k != "old_class_budget"}]).encode()).hexdigest()
-            cached = self.store.get_meta(key)
-            doc = json.loads(cached) if cached else None
+            doc = self._references.get(key)  # (written once per key: parsed once per process)
+            if doc is None:
+                cached = self.store.get_meta(key)
+                doc = json.loads(cached) if cached else None
             if not isinstance(doc, dict) or "accuracy" not in doc:
                 rows_old = ~replay_back & np.isin(y, old)
                 part_old, _ = fit(drop_classes(layers, old), x[rows_old], remap[y[rows_old]], start, start + step)
@@ -492,6 +552,7 @@ class Learner:
                     doc.update(w=part_old[0][0][:rows].tolist(), b=part_old[0][1].tolist())
                 if not self.store.readonly:
                     self.store.set_meta(key, json.dumps(doc))
+            self._references[key] = doc
             reference = float(doc["accuracy"])
             start += step
             part, part_losses = fit(_start_old_classes(layers, doc, old) if solved is not None else layers,
@@ -500,7 +561,7 @@ class Learner:
             bias = _new_class_bias(part, x[replay_back], y[replay_back], device_classes, len(labels_all),
                                    cfg.old_class_budget, reference)
             bias["classes"] = [labels_all[c] for c in device_classes]
-            checks = self._answer_checks(_with_bias(part, bias, labels_all), x, x_full, y, replay_back,
+            checks = self._answer_checks(_with_bias(part, bias, labels_all), x, ts, sums, replay_back,
                                          "replay photos of the bundle's classes")
         heldout = None
         if back_held is not None:  # (its checks replace the replay ones: they are the device's own photos)
@@ -509,8 +570,8 @@ class Learner:
                 start += step
                 heldout = _heldout_report(_with_bias(part, bias, labels_all), x[back_held], y[back_held],
                                           ids[back_held], labels_all)
-                checks = self._answer_checks(_with_bias(part, bias, labels_all), x, x_full, y, back_held,
-                                             f"every {holdout_every}th stored photo of each class")
+                checks = self._answer_checks(_with_bias(part, bias, labels_all), x, ts, sums, back_held,
+                                             f"stored photos of each class (one in {holdout_every})")
             else:
                 heldout = {"available": False, "reason": f"too few samples to hold any back: a class needs at "
                                                          f"least {holdout_every} stored photos"}
@@ -551,25 +612,36 @@ class Learner:
             progress(1.0)
         return {"version": version, "labels": labels_all, **info, "activated": activate, "losses": losses}
 
-    def _coordinates(self, x: np.ndarray, ids: np.ndarray, dim: int) -> tuple[Subspace, np.ndarray, dict]:
+    def _class_sums(self, labels: list[str], ts: TrainingSet) -> np.ndarray:
+        """Each class's sum of the training features of ``ts`` (classes of ``labels``): the
+        bundle's cached replay sums plus the stored samples'."""
+        sums = np.zeros((len(labels), ts.stored.shape[1]), np.float64)
+        if ts.replay is not None:
+            cached = self.bundle.replay_class_sums(self.backbone_entry)
+            index = {name: i for i, name in enumerate(labels)}
+            for b, name in enumerate(self.bundle.labels):
+                if name in index:
+                    sums[index[name]] += cached[0][b]
+        return sums + _sum_by_class(ts.stored, ts.y[ts.ids >= 0], len(labels))
+
+    def _coordinates(self, ts: TrainingSet, dim: int) -> tuple[Subspace, np.ndarray, dict]:
         """The subspace a converged retrain solves in: the replay features' ``dim`` principal
         directions (shipped in the bundle; their coordinates are cached) plus the directions of
-        the stored samples outside them, and the coordinates of the training set ``x`` (rows of
-        ``ids``, see _training_set) there. Returns it, the coordinates and its dimensions."""
-        stored = ids >= 0
+        the stored samples outside them, and the coordinates of the training set there (its
+        rows, replay first). Returns it, the coordinates and its dimensions."""
         cached = self.bundle.replay_subspace(self.backbone_entry, dim)
-        base, base_coords = cached if cached is not None else (Subspace.principal(x, dim), None)
-        sub = base.extended(x[stored])
-        z = np.empty((len(x), sub.dim), np.float32)
-        z[stored] = sub.project(x[stored])
+        base, base_coords = cached if cached is not None else (Subspace.principal(ts.full(), dim), None)
+        sub = base.extended(ts.stored)
+        n = ts.n_replay
+        z = np.empty((len(ts.y), sub.dim), np.float32)
+        z[n:] = sub.project(ts.stored)
         if base_coords is not None:
-            replay = ~stored  # the first rows (_training_set)
-            n = int(replay.sum())
             extra = sub.basis[base.dim :]
-            z[:n, : base.dim] = base_coords[-1 - ids[:n]]
-            z[:n, base.dim :] = x[:n] @ extra.T - sub.mean @ extra.T
+            rx = ts.replay_x()  # (the bundle's own array when every replay row is kept: no copy)
+            z[:n, : base.dim] = base_coords if ts.replay_rows is None else base_coords[ts.replay_rows]
+            z[:n, base.dim :] = rx @ extra.T - sub.mean @ extra.T
         else:
-            z[~stored] = sub.project(x[~stored])
+            z[:n] = sub.project(ts.replay_x())
         return sub, z, {"subspace_dim": sub.dim, "principal": base.dim, "from_samples": sub.dim - base.dim}
 
     def _centre(self) -> np.ndarray | None:
@@ -580,21 +652,22 @@ class Learner:
             self._centre_value = replay[0].mean(axis=0) if replay is not None and len(replay[0]) else np.zeros(0)
         return self._centre_value if self._centre_value.size else None
 
-    def _answer_checks(self, head, x: np.ndarray, x_full: np.ndarray, y: np.ndarray, back: np.ndarray,
+    def _answer_checks(self, head, x: np.ndarray, ts: TrainingSet, sums: np.ndarray, back: np.ndarray,
                        what: str) -> dict:
-        """On the held-back rows ``back`` (``head`` was fitted without them; ``x`` in its
-        coordinates, ``x_full`` the features): the head's accuracy against nearest class mean's
-        (means of the rows not held back), which decides predict's ``auto`` mode, and the
-        temperature that calibrates the head's scores."""
+        """On the held-back rows ``back`` of ``ts`` (``head`` was fitted without them; ``x`` its
+        rows in the head's coordinates, ``sums`` each class's sum of the features): the head's
+        accuracy against nearest class mean's (means of the rows not held back), which decides
+        predict's ``auto`` mode, and the temperature that calibrates the head's scores."""
+        y = ts.y
         yb = y[back]
         probs = head_predict(x[back], head)
-        rest = ~back
-        counts = np.bincount(y[rest], minlength=head[-1][0].shape[1])
+        xb = ts.rows(back)
+        num_classes = head[-1][0].shape[1]
+        counts = np.bincount(y, minlength=num_classes) - np.bincount(yb, minlength=num_classes)
+        rest = sums - _sum_by_class(xb, yb, num_classes)  # the held-back rows' share taken out
         present = np.flatnonzero(counts)
-        onehot = np.zeros((len(present), len(y)), np.float32)  # class sums as one product
-        onehot[np.searchsorted(present, y[rest]), np.flatnonzero(rest)] = 1.0
-        means = (onehot @ x_full) / counts[present, None]
-        ncm = present[ncm_nearest(x_full[back], means, centre=self._centre())]
+        means = (rest[present] / counts[present, None]).astype(np.float32)
+        ncm = present[ncm_nearest(xb, means, centre=self._centre())]
         t, before, after = fit_temperature(probs, yb)
         return {"ncm_check": {"held_back": what, "photos": int(back.sum()),
                               "head": float((probs.argmax(1) == yb).mean()), "ncm": float((ncm == yb).mean())},
@@ -669,7 +742,9 @@ class Learner:
         """The same learner on its own store connection, for another thread (e.g. a training
         job: training reads and writes the store but never runs the backbone). Close it there."""
         s = SampleStore(self.store.path, self.bundle.feature_dim, identity=self.backbone_entry["sha256"])
-        return Learner(self.bundle, s, self.backbone_entry, self.runner, self.trainer)
+        worker = Learner(self.bundle, s, self.backbone_entry, self.runner, self.trainer)
+        worker._references = self._references  # (shared: each entry is written once)
+        return worker
 
     def predict(self, images: list[str | Path], top_k: int = 3, mode: str = "auto",
                 unknown_below: float | None = None) -> dict:
@@ -714,11 +789,12 @@ class Learner:
     def class_means(self) -> tuple[list[str], np.ndarray]:
         """Mean feature per class: stored samples and, for the bundle's classes, replay features."""
         labels = self.labels() + [n for n in self.store.counts() if n not in self.labels()]
-        x, y, _ = self._training_set(labels)
-        present = [c for c in range(len(labels)) if (y == c).any()]
-        if not present:
+        ts = self._training_parts(labels)  # (the replay's sums are cached: no pass over it per prediction)
+        counts = np.bincount(ts.y, minlength=len(labels))
+        present = np.flatnonzero(counts)
+        if not len(present):
             raise DataError("no samples to compute class means from; 'add' some photos first")
-        means = np.stack([x[y == c].mean(axis=0) for c in present])
+        means = (self._class_sums(labels, ts)[present] / counts[present, None]).astype(np.float32)
         return [labels[c] for c in present], means
 
     def remove(self, label: str) -> dict:

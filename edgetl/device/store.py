@@ -76,6 +76,7 @@ class SampleStore:
         self.path = Path(path)
         self.feature_dim = int(feature_dim)
         self.readonly = readonly
+        self._layers_cache: dict[tuple[int, float], Layers] = {}
         if readonly:
             self._open_readonly(identity, busy_timeout_s)
             return
@@ -363,10 +364,22 @@ class SampleStore:
 
         return self._write(put)
 
-    def _head(self, row) -> HeadVersion:
-        with np.load(io.BytesIO(row[3]), allow_pickle=False) as z:
-            layers = head_from_npz(z)
-        return HeadVersion(int(row[0]), float(row[1]), json.loads(row[2]), layers, json.loads(row[4]))
+    def _layers(self, version: int, created: float) -> Layers:
+        """A version's weights, parsed once per process: a head row is never changed after its
+        insert, so (version, created) names its weights for good. Kept read-only, for the last
+        few versions asked for (a prediction and a training both start by reading the active head)."""
+        key = (version, created)
+        layers = self._layers_cache.pop(key, None)
+        if layers is None:
+            blob = self.db.execute("SELECT weights FROM heads WHERE version = ?", (version,)).fetchone()[0]
+            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+                layers = head_from_npz(z)
+            for w, b in layers:
+                w.flags.writeable = b.flags.writeable = False
+        self._layers_cache[key] = layers  # (most recent last)
+        while len(self._layers_cache) > 4:
+            self._layers_cache.pop(next(iter(self._layers_cache)))
+        return layers
 
     def head(self, version: int | None = None) -> HeadVersion | None:
         if version is None:
@@ -376,11 +389,12 @@ class SampleStore:
             version = int(active)
         if not 0 < version < 1 << 63:
             raise StoreError(f"head version {version} does not exist; versions are 1, 2, ... (see 'history')")
-        row = self.db.execute("SELECT version, created, labels, weights, info FROM heads WHERE version = ?",
+        row = self.db.execute("SELECT version, created, labels, info FROM heads WHERE version = ?",
                               (version,)).fetchone()
         if row is None:
             raise StoreError(f"no head version {version} in {self.path}; see 'history'")
-        return self._head(row)
+        return HeadVersion(int(row[0]), float(row[1]), json.loads(row[2]), self._layers(int(row[0]), float(row[1])),
+                           json.loads(row[3]))
 
     def active_version(self) -> int | None:
         v = self._meta("active_head")
