@@ -668,6 +668,23 @@ def test_a_training_that_forgets_the_bundles_classes_is_kept_but_not_activated(l
     assert forced["activated"] and learner.store.active_version() == forced["version"]
 
 
+def test_a_renamed_bundle_class_keeps_training_on_its_replay_features(learner):
+    """A rename travels with the head versions: the class keeps its replay photos (it was dropped
+    as 'no samples left' before), stays one of the bundle's classes, and a rollback to a version
+    before the rename trains under the old name."""
+    first = learner.labels()[0]
+    before = learner.train()
+    learner.rename(first, "renamed")
+    r = learner.train()
+    assert r["labels"][0] == "renamed" and r["dropped_classes"] == [] and r["replay"] == before["replay"], r
+    assert "new_class_bias" not in r  # not a class learned on the device
+    assert r["bundle_names"] == {first: "renamed"}
+    assert learner.class_means()[0][0] == "renamed"
+    learner.rollback(1)
+    again = learner.train()
+    assert again["labels"][0] == first and again["replay"] == before["replay"] and "bundle_names" not in again
+
+
 def test_auto_mode_answers_with_class_means_until_the_head_knows_every_class(learner):
     learner.add(ANTS[:6], "ants")
     before = learner.predict(ANTS[6:8])

@@ -45,7 +45,7 @@ from .headtrain import (
     train_head,
     with_temperature,
 )
-from .store import SampleStore
+from .store import HeadVersion, SampleStore
 
 log = logging.getLogger("edgetl")
 
@@ -404,14 +404,34 @@ class Learner:
     def labels(self) -> list[str]:
         return list(self.store.head().labels)
 
-    def _training_parts(self, labels: list[str]) -> TrainingSet:
-        """Replay + stored features of ``labels``, the replay not copied (see TrainingSet)."""
+    def _bundle_names(self, head: HeadVersion | None = None) -> list[str]:
+        """The bundle's classes as ``head`` (default: the active head) names them. A rename of a
+        bundle class travels in each later head version's info (``bundle_names``), so its replay
+        features keep training it, and a rollback to an earlier version restores the old name."""
+        head = head if head is not None else self.store.head()
+        renamed = head.info.get("bundle_names") if head is not None else None
+        if not isinstance(renamed, dict):
+            renamed = {}
+        return [str(renamed.get(b, b)) for b in self.bundle.labels]
+
+    def _carry_names(self, head: HeadVersion, info: dict, rename: tuple[str, str] | None = None) -> dict:
+        """``info`` of a new head version made from ``head``, with its bundle-class names (and a rename)."""
+        names = dict(zip(self.bundle.labels, self._bundle_names(head)))
+        if rename is not None:
+            names = {b: (rename[1] if n == rename[0] else n) for b, n in names.items()}
+        renamed = {b: n for b, n in names.items() if n != b}
+        return {**info, "bundle_names": renamed} if renamed else info
+
+    def _training_parts(self, labels: list[str], names: list[str] | None = None) -> TrainingSet:
+        """Replay + stored features of ``labels``, the replay not copied (see TrainingSet);
+        ``names``: the bundle's classes as the head trained from calls them (_bundle_names)."""
         index = {name: i for i, name in enumerate(labels)}
+        names = self._bundle_names() if names is None else names
         replay = self.bundle.replay(self.backbone_entry)
         rx, rows, parts_y = None, None, []
         if replay is not None:
             rx, ry = replay
-            to_index = np.array([index.get(name, -1) for name in self.bundle.labels], np.int64)[ry]
+            to_index = np.array([index.get(name, -1) for name in names], np.int64)[ry]
             kept = np.flatnonzero(to_index >= 0)
             rows = None if len(kept) == len(rx) else kept
             parts_y.append(to_index[kept])
@@ -468,13 +488,14 @@ class Learner:
             labels = list(current.labels)
             new = [name for name in self.store.counts() if name not in labels]
             labels_all = labels + new
-            ts = self._training_parts(labels_all)
+            names = self._bundle_names(current)
+            ts = self._training_parts(labels_all, names)
         y, counts, ids = ts.y, ts.counts, ts.ids
         if len(y) == 0:
             raise DataError("nothing to train on: no stored samples and no replay features; 'add' some photos first")
         # Start from the active head without the bias an earlier calibration gave its device classes
         # (each training chooses it afresh, so it never accumulates).
-        sums = self._class_sums(labels_all, ts)  # (no pass over the replay: its sums are cached)
+        sums = self._class_sums(labels_all, ts, names)  # (no pass over the replay: its sums are cached)
         start_layers = _without_bias(current.layers, current.info, labels)
         new_ids = [labels_all.index(n) for n in new]
         if len(start_layers) == 1:  # the new units start from the features of the stored photos
@@ -517,7 +538,7 @@ class Learner:
                 return train_with_tflite(self.bundle, start_layers, xs, ys, cfg, on_epoch=on_epoch)
             return train_head(start_layers, xs, ys, cfg, on_epoch=on_epoch, report=solved)
 
-        device_classes = [c for c, n in enumerate(labels_all) if n not in self.bundle.labels]
+        device_classes = [c for c, n in enumerate(labels_all) if n not in names]
         old = [c for c in range(len(labels_all)) if c not in device_classes]
         replay_back = _replay_held_back(y, ids, old)
         calibrate = cfg.old_class_budget is not None and bool(device_classes) and bool(old) and replay_back.any()
@@ -592,6 +613,7 @@ class Learner:
                 "dropped_classes": missing, "num_samples": int(len(x)), **counts,
                 "train_accuracy": train_acc, "final_loss": losses[-1], "parent": current.version,
                 "seconds": round(time.perf_counter() - t0, 4)}
+        info = self._carry_names(current, info)
         if solved:  # the last fit's: iterations, final loss, largest gradient component, converged
             info["solver"] = solved
         info.update(checks)
@@ -612,14 +634,14 @@ class Learner:
             progress(1.0)
         return {"version": version, "labels": labels_all, **info, "activated": activate, "losses": losses}
 
-    def _class_sums(self, labels: list[str], ts: TrainingSet) -> np.ndarray:
-        """Each class's sum of the training features of ``ts`` (classes of ``labels``): the
-        bundle's cached replay sums plus the stored samples'."""
+    def _class_sums(self, labels: list[str], ts: TrainingSet, names: list[str]) -> np.ndarray:
+        """Each class's sum of the training features of ``ts`` (classes of ``labels``; ``names``
+        as for _training_parts): the bundle's cached replay sums plus the stored samples'."""
         sums = np.zeros((len(labels), ts.stored.shape[1]), np.float64)
         if ts.replay is not None:
             cached = self.bundle.replay_class_sums(self.backbone_entry)
             index = {name: i for i, name in enumerate(labels)}
-            for b, name in enumerate(self.bundle.labels):
+            for b, name in enumerate(names):
                 if name in index:
                     sums[index[name]] += cached[0][b]
         return sums + _sum_by_class(ts.stored, ts.y[ts.ids >= 0], len(labels))
@@ -734,7 +756,8 @@ class Learner:
         new_head = None
         if label in head.labels:
             names = [new_name if n == label else n for n in head.labels]
-            new_head = (names, head.layers, {"origin": "rename", "renamed": [label, new_name], "parent": head.version})
+            new_head = (names, head.layers, self._carry_names(head, {"origin": "rename", "renamed": [label, new_name],
+                                                                     "parent": head.version}, (label, new_name)))
         moved, version = self.store.rename_label(label, new_name, new_head)
         return {"label": label, "name": new_name, "samples": moved, "version": version or head.version}
 
@@ -789,12 +812,13 @@ class Learner:
     def class_means(self) -> tuple[list[str], np.ndarray]:
         """Mean feature per class: stored samples and, for the bundle's classes, replay features."""
         labels = self.labels() + [n for n in self.store.counts() if n not in self.labels()]
-        ts = self._training_parts(labels)  # (the replay's sums are cached: no pass over it per prediction)
+        names = self._bundle_names()
+        ts = self._training_parts(labels, names)  # (the replay's sums are cached: no pass over it per prediction)
         counts = np.bincount(ts.y, minlength=len(labels))
         present = np.flatnonzero(counts)
         if not len(present):
             raise DataError("no samples to compute class means from; 'add' some photos first")
-        means = (self._class_sums(labels, ts)[present] / counts[present, None]).astype(np.float32)
+        means = (self._class_sums(labels, ts, names)[present] / counts[present, None]).astype(np.float32)
         return [labels[c] for c in present], means
 
     def remove(self, label: str) -> dict:
@@ -809,7 +833,7 @@ class Learner:
             if not keep:
                 raise DataError(f"cannot remove {label!r}: it is the only class")
             new_head = ([head.labels[i] for i in keep], drop_classes(head.layers, keep),
-                        {"origin": "remove", "removed": label, "parent": head.version})
+                        self._carry_names(head, {"origin": "remove", "removed": label, "parent": head.version}))
         # The samples and the head go in one transaction: a kill leaves both or neither.
         deleted, version = self.store.remove_label(label, new_head)
         return {"label": label, "samples_deleted": deleted, "version": version or head.version}
@@ -837,7 +861,7 @@ class Learner:
             truth.append(s.label)
             pred.append(labels.index(p["label"]))
         report = classification_report(np.array(truth, np.int64), np.array(pred, np.int64), labels)
-        original = set(self.bundle.labels)
+        original = set(self._bundle_names())
 
         def acc(group: set[str]) -> tuple[float | None, int]:
             idx = [i for i, t in enumerate(truth) if labels[t] in group]
