@@ -2,6 +2,12 @@
 what it costs the bundle's own classes.
 
     python benchmarks/few_shot.py --bundle models/flowers_mixed [--seeds 5]
+    python benchmarks/few_shot.py --bundle models/flowers_v3 --seeds 3 --learner-only \
+        [--ks 1,5,10] [--subspace-dim 192] [--residual-directions 256] [--force]
+
+(``--learner-only``: the device's Learner table alone, with those retrain settings, written to
+benchmarks/results/few_shot_learner.json; how the defaults' 160 principal and 64 stored-photo
+directions were compared with 192/128 and 256.)
 
 Ants and bees (k photos each, drawn at random from hymenoptera/train, ``--seeds`` draws) are
 added to a flowers bundle's replay features; the head is retrained; new-class accuracy is
@@ -46,12 +52,15 @@ def features(bundle, entry, paths: list[Path]) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def through_learner(bundle: Path, seeds: int, ks: tuple[int, ...] = (1, 5, 10)) -> list[dict]:
+def through_learner(bundle: Path, seeds: int, ks: tuple[int, ...] = (1, 5, 10), cfg=None,
+                    force: bool = False) -> list[dict]:
     """The device's own path: Learner with a fresh store, k photos per new class stored, trained
     with the defaults, then scored as nearest class mean, head and ``auto`` (what ``device
     predict`` answers with). Scenarios: ants + bees added to the bundle; each bundle class in turn
     removed (``Learner.remove``: its unit and its replay photos are gone) and learned back from
-    k of its training photos under a new name. Features are computed once and stored directly."""
+    k of its training photos under a new name. Features are computed once and stored directly.
+    ``cfg``: the retrain's HeadTrainConfig (default: the defaults); ``force``: activate a head
+    the forgetting check refused (to compare settings on every draw)."""
     import tempfile
 
     from edgetl.device import Learner
@@ -86,7 +95,7 @@ def through_learner(bundle: Path, seeds: int, ks: tuple[int, ...] = (1, 5, 10)) 
                             pick = rng.choice(len(pool), k, replace=False)
                             learner.store.add(pool[pick], label, [f"{label}-{i}" for i in pick],
                                               [f"{label}-{i}-{seed}" for i in pick])
-                        r = learner.train()
+                        r = learner.train(cfg, force=force)
                         auto = learner.answer_mode("auto")[0]
                         for key, mode in (("ncm", "ncm"), ("head", "head"), ("auto", auto)):
                             for group, sets in (("new", new_test), ("old", old_test)):
@@ -109,7 +118,16 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=float, default=0.02)
+    ap.add_argument("--learner-only", action="store_true", help="only the device's Learner table")
+    ap.add_argument("--ks", default="1,5,10", help="photos per new class in the Learner table")
+    ap.add_argument("--subspace-dim", type=int, default=None, help="the retrain's principal directions")
+    ap.add_argument("--residual-directions", type=int, default=None, help="the retrain's stored-photo directions")
+    ap.add_argument("--force", action="store_true", help="activate heads the forgetting check refused")
     args = ap.parse_args()
+    ks = tuple(int(k) for k in args.ks.split(","))
+    if args.learner_only:
+        learner_only(args, ks)
+        return
 
     from edgetl.bundle import open_bundle
     from edgetl.device.headtrain import HeadTrainConfig, add_classes, ncm_predict, train_head
@@ -205,20 +223,55 @@ def main() -> None:
                         "new_classes_accuracy": float(a[:, 0].mean()), "old_classes_accuracy": float(a[:, 1].mean()),
                         **({"bias_mean": float(np.mean(deltas))} if deltas else {})})
         rows.append(row)
-    learner_rows = through_learner(args.bundle, args.seeds)
+    learner_rows = through_learner(args.bundle, args.seeds, ks, _retrain_config(args), args.force)
     cpu = cpu_fingerprint()
     print(f"{entry['file']} of {args.bundle}; flowers/test with the bundle's head: {base_old:.3f}; "
           f"{args.seeds} draws per k; {describe_cpu(cpu)}")
     print(table(["recipe", "k=1 new", "k=1 old", "k=5 new", "k=5 old", "k=10 new", "k=10 old"], rows))
-    print(f"\nthe device's Learner (defaults; {args.seeds} random draws), accuracy on new / old classes:")
+    print_learner_table(learner_rows, args)
+    path = write_json("few_shot", {"bundle": str(args.bundle), "backbone_file": entry["file"],
+                                   "old_classes_accuracy_before": base_old, "budget": args.budget, "rows": doc,
+                                   "learner": learner_rows})
+    print(f"wrote {path}")
+
+
+def _retrain_config(args):
+    from dataclasses import replace
+
+    from edgetl.device.headtrain import HeadTrainConfig
+
+    cfg = HeadTrainConfig()
+    if args.subspace_dim is not None:
+        cfg = replace(cfg, subspace_dim=args.subspace_dim)
+    if args.residual_directions is not None:
+        cfg = replace(cfg, residual_directions=args.residual_directions)
+    return cfg
+
+
+def print_learner_table(learner_rows: list[dict], args) -> None:
+    cfg = _retrain_config(args)
+    print(f"\nthe device's Learner ({args.seeds} random draws; {cfg.subspace_dim} principal + at most "
+          f"{cfg.residual_directions} stored-photo directions{'; refused heads activated' if args.force else ''}), "
+          "accuracy on new / old classes:")
     print(table(["scenario", "k", "NCM new", "NCM old", "head new", "head old", "auto new", "auto old",
                  "auto = head", "bias"],
                 [[r["scenario"], r["photos_per_class"], *[f"{r[f'{m} {g}']:.3f}" for m in ("ncm", "head", "auto")
                                                           for g in ("new", "old")],
                   f"{r['auto is head']:.2f}", f"{r['bias']:.2f}"] for r in learner_rows]))
-    path = write_json("few_shot", {"bundle": str(args.bundle), "backbone_file": entry["file"],
-                                   "old_classes_accuracy_before": base_old, "budget": args.budget, "rows": doc,
-                                   "learner": learner_rows})
+    for k in sorted({r["photos_per_class"] for r in learner_rows}):
+        at_k = [r for r in learner_rows if r["photos_per_class"] == k]
+        print(f"k={k}: mean over scenarios, head new {np.mean([r['head new'] for r in at_k]):.3f}, "
+              f"head old {np.mean([r['head old'] for r in at_k]):.3f}")
+
+
+def learner_only(args, ks: tuple[int, ...]) -> None:
+    from dataclasses import asdict
+
+    cfg = _retrain_config(args)
+    rows = through_learner(args.bundle, args.seeds, ks, cfg, args.force)
+    print_learner_table(rows, args)
+    path = write_json("few_shot_learner", {"bundle": str(args.bundle), "seeds": args.seeds, "force": args.force,
+                                           "config": asdict(cfg), "learner": rows})
     print(f"wrote {path}")
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from .errors import BundleError, DataError
 from .fileio import atomic_write_json, commit_dir, make_staging_dir, sha256_file
 from .formats import FILE_ROLES, PREFERENCE, runs_format
-from .head_arrays import Layers, load_head
+from .head_arrays import Layers, load_head, sum_by_class
 from .labels import check_label
 from .preprocess import Preprocessing
 
@@ -139,9 +139,7 @@ class Bundle:
         name = backbone_entry["replay"]
         if name not in self._class_sums:
             feats, labels = replay
-            onehot = np.zeros((len(self.labels), len(labels)), np.float32)
-            onehot[labels, np.arange(len(labels))] = 1.0
-            sums = (onehot @ feats).astype(np.float64)
+            sums = sum_by_class(feats, labels, len(self.labels))
             counts = np.bincount(labels, minlength=len(self.labels))
             sums.flags.writeable = counts.flags.writeable = False
             self._class_sums[name] = (sums, counts)

@@ -66,6 +66,14 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def sum_by_class(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Row sums of features ``x`` per class index ``y`` (num_classes x d, float64), as one product
+    (class means of replay and stored features, on the device and in bundles)."""
+    onehot = np.zeros((num_classes, len(y)), np.float32)
+    onehot[np.asarray(y, np.int64), np.arange(len(y))] = 1.0
+    return (onehot @ np.asarray(x, np.float32)).astype(np.float64)
+
+
 def head_logits(x: np.ndarray, layers: Layers) -> np.ndarray:
     h = np.asarray(x, np.float32)
     for i, (w, b) in enumerate(layers):

@@ -217,6 +217,12 @@ def test_a_class_without_samples_is_dropped_with_a_message_not_kept_dead(learner
     learner.rollback(2)  # a head that knew ants, but no ants samples are left
     r = learner.train(HeadTrainConfig(epochs=2))
     assert r["dropped_classes"] == ["ants"] and "ants" not in r["labels"] and "ants" not in learner.labels()
+    # Once more with a class learned on the device in the same training (the class indices after
+    # the dropped one move: the held-back checks must use the moved ones), with the defaults.
+    learner.rollback(2)
+    learner.add(BEES[:6], "bees")
+    r = learner.train()
+    assert r["dropped_classes"] == ["ants"] and r["labels"][-1] == "bees" and r["ncm_check"]["photos"] >= 3, r
 
 
 def test_readers_do_not_wait_behind_a_writer(learner, device_bundle):

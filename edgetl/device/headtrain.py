@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..head_arrays import Layers, softmax
-from ..head_solver import SUBSPACE_DIM, class_weights, solve_softmax
+from ..head_solver import RESIDUAL_DIRECTIONS, SUBSPACE_DIM, class_weights, solve_softmax
 
 # lbfgs: solved to convergence (solve_softmax); auto: lbfgs for a head without hidden layers, else adam
 OPTIMIZERS = ("auto", "lbfgs", "adam", "sgd")
@@ -46,6 +46,7 @@ class HeadTrainConfig:
     learning_rate: float = 1e-2
     optimizer: str = "auto"  # auto | lbfgs | adam | sgd
     subspace_dim: int = SUBSPACE_DIM  # lbfgs on the device: principal directions solved in (0: all)
+    residual_directions: int = RESIDUAL_DIRECTIONS  # at most this many more, from the stored samples
     momentum: float = 0.0  # sgd only
     l2: float = 0.3
     balance: bool = True
@@ -59,6 +60,8 @@ class HeadTrainConfig:
     def check(self) -> None:
         if self.subspace_dim < 0:
             raise ConfigError(f"subspace_dim must be >= 0 (0: the full feature space); received {self.subspace_dim}")
+        if self.residual_directions < 0:
+            raise ConfigError(f"residual_directions must be >= 0; received {self.residual_directions}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"epochs and batch_size must be >= 1; received {self.epochs}, {self.batch_size}")
         if self.optimizer not in OPTIMIZERS:

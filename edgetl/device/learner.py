@@ -28,7 +28,7 @@ from .. import preprocess
 from ..bundle import Bundle, open_bundle
 from ..errors import BundleError, ConfigError, DataError, EdgetlError, StoreError
 from ..formats import FORMATS, MODEL_ROLES
-from ..head_arrays import head_predict
+from ..head_arrays import head_predict, sum_by_class
 from ..head_solver import Subspace, one_blas_thread
 from ..labels import check_label, printable, storable
 from ..metrics import top_k as top_k_labels
@@ -128,13 +128,6 @@ def _held_back(y: np.ndarray, ids: np.ndarray, every: int) -> np.ndarray:
 def _replay_held_back(y: np.ndarray, ids: np.ndarray, old_classes: list[int], every: int = 5) -> np.ndarray:
     """Every ``every``-th replay feature (id -1) of each of the bundle's classes."""
     return _every_kth(y, ids < 0, every, old_classes)
-
-
-def _sum_by_class(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
-    """Row sums of ``x`` per class ``y`` (num_classes x d, float64), as one product."""
-    onehot = np.zeros((num_classes, len(y)), np.float32)
-    onehot[y, np.arange(len(y))] = 1.0
-    return (onehot @ np.asarray(x, np.float32)).astype(np.float64)
 
 
 BIAS_GRID = tuple(np.arange(0.0, 4.01, 0.25))
@@ -521,7 +514,7 @@ class Learner:
         sub = None
         solved = {} if self.trainer == "numpy" and resolve_optimizer(cfg, layers) == "lbfgs" else None
         if solved is not None and cfg.subspace_dim:
-            sub, x, space = self._coordinates(ts, cfg.subspace_dim)
+            sub, x, space = self._coordinates(ts, cfg.subspace_dim, cfg.residual_directions)
             layers = sub.restrict(layers)
             solved.update(space)
         else:
@@ -582,7 +575,7 @@ class Learner:
             bias = _new_class_bias(part, x[replay_back], y[replay_back], device_classes, len(labels_all),
                                    cfg.old_class_budget, reference)
             bias["classes"] = [labels_all[c] for c in device_classes]
-            checks = self._answer_checks(_with_bias(part, bias, labels_all), x, ts, sums, replay_back,
+            checks = self._answer_checks(_with_bias(part, bias, labels_all), x, ts, y, sums, replay_back,
                                          "replay photos of the bundle's classes")
         heldout = None
         if back_held is not None:  # (its checks replace the replay ones: they are the device's own photos)
@@ -591,7 +584,7 @@ class Learner:
                 start += step
                 heldout = _heldout_report(_with_bias(part, bias, labels_all), x[back_held], y[back_held],
                                           ids[back_held], labels_all)
-                checks = self._answer_checks(_with_bias(part, bias, labels_all), x, ts, sums, back_held,
+                checks = self._answer_checks(_with_bias(part, bias, labels_all), x, ts, y, sums, back_held,
                                              f"stored photos of each class (one in {holdout_every})")
             else:
                 heldout = {"available": False, "reason": f"too few samples to hold any back: a class needs at "
@@ -644,16 +637,16 @@ class Learner:
             for b, name in enumerate(names):
                 if name in index:
                     sums[index[name]] += cached[0][b]
-        return sums + _sum_by_class(ts.stored, ts.y[ts.ids >= 0], len(labels))
+        return sums + sum_by_class(ts.stored, ts.y[ts.ids >= 0], len(labels))
 
-    def _coordinates(self, ts: TrainingSet, dim: int) -> tuple[Subspace, np.ndarray, dict]:
+    def _coordinates(self, ts: TrainingSet, dim: int, residual: int) -> tuple[Subspace, np.ndarray, dict]:
         """The subspace a converged retrain solves in: the replay features' ``dim`` principal
         directions (shipped in the bundle; their coordinates are cached) plus the directions of
-        the stored samples outside them, and the coordinates of the training set there (its
-        rows, replay first). Returns it, the coordinates and its dimensions."""
+        the stored samples outside them (at most ``residual``), and the coordinates of the
+        training set there (its rows, replay first). Returns it, the coordinates and its dimensions."""
         cached = self.bundle.replay_subspace(self.backbone_entry, dim)
         base, base_coords = cached if cached is not None else (Subspace.principal(ts.full(), dim), None)
-        sub = base.extended(ts.stored)
+        sub = base.extended(ts.stored, residual)
         n = ts.n_replay
         z = np.empty((len(ts.y), sub.dim), np.float32)
         z[n:] = sub.project(ts.stored)
@@ -669,24 +662,25 @@ class Learner:
     def _centre(self) -> np.ndarray | None:
         """The mean feature NCM centres on: the bundle's replay photos' (the exporter ships the
         same mean as the replay file's ``basis_mean``); None without replay features."""
-        if self._centre_value is None:
-            replay = self.bundle.replay(self.backbone_entry)
-            self._centre_value = replay[0].mean(axis=0) if replay is not None and len(replay[0]) else np.zeros(0)
+        if self._centre_value is None:  # (from the cached class sums: no pass over the replay)
+            sums = self.bundle.replay_class_sums(self.backbone_entry)
+            self._centre_value = (sums[0].sum(axis=0) / sums[1].sum()).astype(np.float32) \
+                if sums is not None and sums[1].sum() else np.zeros(0)
         return self._centre_value if self._centre_value.size else None
 
-    def _answer_checks(self, head, x: np.ndarray, ts: TrainingSet, sums: np.ndarray, back: np.ndarray,
-                       what: str) -> dict:
+    def _answer_checks(self, head, x: np.ndarray, ts: TrainingSet, y: np.ndarray, sums: np.ndarray,
+                       back: np.ndarray, what: str) -> dict:
         """On the held-back rows ``back`` of ``ts`` (``head`` was fitted without them; ``x`` its
-        rows in the head's coordinates, ``sums`` each class's sum of the features): the head's
-        accuracy against nearest class mean's (means of the rows not held back), which decides
-        predict's ``auto`` mode, and the temperature that calibrates the head's scores."""
-        y = ts.y
+        rows in the head's coordinates, ``y`` their classes in the head's order (not ``ts.y``'s
+        when a class was dropped), ``sums`` each class's sum of the features): the head's accuracy
+        against nearest class mean's (means of the rows not held back), which decides predict's
+        ``auto`` mode, and the temperature that calibrates the head's scores."""
         yb = y[back]
         probs = head_predict(x[back], head)
         xb = ts.rows(back)
         num_classes = head[-1][0].shape[1]
         counts = np.bincount(y, minlength=num_classes) - np.bincount(yb, minlength=num_classes)
-        rest = sums - _sum_by_class(xb, yb, num_classes)  # the held-back rows' share taken out
+        rest = sums - sum_by_class(xb, yb, num_classes)  # the held-back rows' share taken out
         present = np.flatnonzero(counts)
         means = (rest[present] / counts[present, None]).astype(np.float32)
         ncm = present[ncm_nearest(xb, means, centre=self._centre())]
@@ -811,8 +805,9 @@ class Learner:
 
     def class_means(self) -> tuple[list[str], np.ndarray]:
         """Mean feature per class: stored samples and, for the bundle's classes, replay features."""
-        labels = self.labels() + [n for n in self.store.counts() if n not in self.labels()]
-        names = self._bundle_names()
+        head = self.store.head()
+        labels = list(head.labels) + [n for n in self.store.counts() if n not in head.labels]
+        names = self._bundle_names(head)
         ts = self._training_parts(labels, names)  # (the replay's sums are cached: no pass over it per prediction)
         counts = np.bincount(ts.y, minlength=len(labels))
         present = np.flatnonzero(counts)
