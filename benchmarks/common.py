@@ -26,7 +26,7 @@ def machine() -> dict:
 
 def cpu_line() -> str:
     """The CPU a number came from: model and the int8 kernel flags (AVX2/VNNI/NEON dot product)."""
-    from edgetl.selftest import cpu_fingerprint, describe_cpu
+    from edgetl.bundle.selftest import cpu_fingerprint, describe_cpu
 
     fp = cpu_fingerprint()
     return f"{fp.get('model') or platform.processor() or platform.machine()}, {describe_cpu(fp)}"

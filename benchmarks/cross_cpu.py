@@ -62,7 +62,7 @@ def reference(run: Path, photos: int, out: Path) -> None:
 
 def _trainable_parity(bundle) -> dict[str, np.ndarray]:
     """infer/train/save/restore of the trainable head on fixed inputs (the phone's path)."""
-    from edgetl.device.tflite_trainer import TFLiteTrainableHead
+    from edgetl.head.tflite import TFLiteTrainableHead
 
     entry = bundle.pick("trainable_head", required=False)
     if entry is None:
@@ -85,7 +85,7 @@ def _trainable_parity(bundle) -> dict[str, np.ndarray]:
 def measure(bundle_path: Path, ref_dir: Path, cpu: str, limit: int | None, threads: int,
             only: list[str] | None = None) -> None:
     from edgetl.bundle import open_bundle
-    from edgetl.head_arrays import head_predict
+    from edgetl.head.arrays import head_predict
     from edgetl.metrics import cosine
     from edgetl.preprocess import load_batch
     from edgetl.runtime import open_model, run_batched
@@ -136,7 +136,7 @@ def measure(bundle_path: Path, ref_dir: Path, cpu: str, limit: int | None, threa
         with np.load(old_npz) as z:
             raw = {**{k: z[k] for k in z.files if k.split("/")[0] not in raw}, **raw}
         rows = kept + rows
-    from edgetl.selftest import cpu_fingerprint
+    from edgetl.bundle.selftest import cpu_fingerprint
 
     doc = {"cpu": cpu, "fingerprint": cpu_fingerprint(), "python": platform.python_version(),
            "bundle": str(bundle_path), "rows": rows, "versions": _versions()}

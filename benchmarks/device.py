@@ -79,8 +79,8 @@ def retrain(bundle: Path, per_class: int, repeats: int = 7) -> dict:
     more from the bundle's head (rollback 1, train), medians. With the solver's report and the
     largest gradient component of the full-feature-space problem at the head it kept."""
     from edgetl.device import HeadTrainConfig, Learner
-    from edgetl.device.learner import _replay_held_back
-    from edgetl.head_solver import gradient_max
+    from edgetl.device.retrain import replay_held_back
+    from edgetl.head.solver import gradient_max
 
     learner = Learner.open(bundle, store=Path(tempfile.mkdtemp()) / "r.sqlite", backend=LITERT, precision="int8")
     clock = InferenceClock(learner.bundle, learner.backbone_entry, photos(HYM / "train" / "ants")[0])
@@ -107,9 +107,10 @@ def retrain(bundle: Path, per_class: int, repeats: int = 7) -> dict:
             times.append(time.perf_counter() - t0)
             clock.sample(15)  # the inference it is compared with, in between
         head = learner.store.head()
-        x, y, _, ids = learner._training_set(head.labels, with_ids=True)
+        ts = learner.training_set(head.labels)
+        x, y, ids = ts.full(), ts.y, ts.ids
         # The kept head was fitted without every 5th replay photo of the bundle's classes (its check).
-        fitted = ~_replay_held_back(y, ids, [c for c, n in enumerate(head.labels) if n in learner.bundle.labels])
+        fitted = ~replay_held_back(y, ids, [c for c, n in enumerate(head.labels) if n in learner.bundle.labels])
         bias = r.get("new_class_bias") or {}
         w, b = head.layers[-1]
         unbiased = [(w, b - np.isin(np.arange(len(b)), [head.labels.index(c) for c in bias.get("classes", [])]) *
@@ -285,8 +286,8 @@ def large_photo_decode(size: int = 224, repeats: int = 5) -> list[dict]:
 def trainer_steps(bundle: Path, repeats: int = 200) -> list[dict]:
     """ms per training step, batch 1 and 32: the TFLite trainable head vs the NumPy trainer (1 thread)."""
     from edgetl.bundle import open_bundle
-    from edgetl.device.headtrain import HeadTrainConfig, _Optimizer, class_weights, loss_and_grads
-    from edgetl.device.tflite_trainer import TFLiteTrainableHead
+    from edgetl.head.fit import HeadTrainConfig, _Optimizer, class_weights, loss_and_grads
+    from edgetl.head.tflite import TFLiteTrainableHead
 
     b = open_bundle(bundle)
     entry = b.pick("trainable_head")

@@ -15,7 +15,7 @@ measured on all of hymenoptera/val and old-class accuracy on flowers/test (500),
 7 classes, through the bundle's preferred backbone file. Recipes:
 
 * the former device default (300 full-batch Adam steps, L2 0.3, from the active head);
-* the converged solver (edgetl.head_solver, L-BFGS) at L2 0.3 and 0.03;
+* the converged solver (edgetl.head.solver, L-BFGS) at L2 0.3 and 0.03;
 * nearest class mean, on raw features and on centred + L2-normalised ones (SimpleShot);
 * L-BFGS on centred + L2-normalised features;
 * L-BFGS + a bias for the new classes chosen on held-back replay (what ``Learner.train`` does):
@@ -130,10 +130,10 @@ def main() -> None:
         return
 
     from edgetl.bundle import open_bundle
-    from edgetl.device.headtrain import HeadTrainConfig, add_classes, ncm_predict, train_head
-    from edgetl.head_arrays import head_predict
-    from edgetl.head_solver import solve_softmax
-    from edgetl.selftest import cpu_fingerprint, describe_cpu
+    from edgetl.bundle.selftest import cpu_fingerprint, describe_cpu
+    from edgetl.head import HeadTrainConfig, add_classes, ncm_predict, train_head
+    from edgetl.head.arrays import head_predict
+    from edgetl.head.solver import solve_softmax
 
     b = open_bundle(args.bundle)
     entry = b.pick("backbone")
@@ -238,7 +238,7 @@ def main() -> None:
 def _retrain_config(args):
     from dataclasses import replace
 
-    from edgetl.device.headtrain import HeadTrainConfig
+    from edgetl.head.fit import HeadTrainConfig
 
     cfg = HeadTrainConfig()
     if args.subspace_dim is not None:

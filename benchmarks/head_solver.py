@@ -1,4 +1,4 @@
-"""The converged head solver (edgetl.device.headtrain.solve_softmax / choose_l2), measured.
+"""The converged head solver (edgetl.head.fit.solve_softmax / choose_l2), measured.
 
     python benchmarks/head_solver.py --run runs/flowers --bundle models/flowers_v3
 
@@ -50,7 +50,7 @@ def run_features(run_dir: Path):
 
 
 def workstation(run_dir: Path, ref_path: Path) -> list[dict]:
-    from edgetl.head_solver import choose_l2, solve_softmax
+    from edgetl.head.solver import choose_l2, solve_softmax
 
     run, f = run_features(run_dir)
     ref = np.load(ref_path)
@@ -75,7 +75,7 @@ def workstation(run_dir: Path, ref_path: Path) -> list[dict]:
 def device(bundle_dir: Path) -> dict:
     from edgetl import preprocess
     from edgetl.bundle import open_bundle
-    from edgetl.device.headtrain import HeadTrainConfig, add_classes, train_head
+    from edgetl.head.fit import HeadTrainConfig, add_classes, train_head
 
     b = open_bundle(bundle_dir)
     e = b.pick("backbone")

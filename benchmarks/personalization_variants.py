@@ -33,16 +33,16 @@ from edgetl.formats import LITERT  # noqa: E402
 
 def main() -> None:
     from edgetl.device import HeadTrainConfig, Learner
-    from edgetl.device.headtrain import (
+    from edgetl.head.arrays import head_predict
+    from edgetl.head.fit import (
         _Optimizer,
         add_classes,
         class_weights,
         epoch_orders,
         loss_and_grads,
-        ncm_predict,
         train_head,
     )
-    from edgetl.head_arrays import head_predict
+    from edgetl.head.ncm import ncm_predict
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bundle", type=Path, required=True)

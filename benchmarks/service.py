@@ -48,9 +48,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8799)
     args = ap.parse_args()
 
+    from edgetl.bundle.selftest import cpu_fingerprint, describe_cpu
     from edgetl.device import Learner
     from edgetl.preprocess import load_pixels
-    from edgetl.selftest import cpu_fingerprint, describe_cpu
 
     photos = sorted((SHARED / "datasets/flowers/test").glob("*/*.jpg"))[:: 7][: args.photos]
     tmp = Path(tempfile.mkdtemp(prefix="edgetl-bench-service-"))

@@ -99,7 +99,7 @@ def main() -> None:
     if a.recipe:  # the child process
         a.result.write_text(json.dumps(RECIPES[a.recipe](a.train, a.test, a.epochs, a.alpha, a.size)))
         return
-    from edgetl.selftest import cpu_fingerprint  # noqa: F401  (the machine line, below)
+    from edgetl.bundle.selftest import cpu_fingerprint  # noqa: F401  (the machine line, below)
     from edgetl.train.fast_features import backbone_cache_dir
 
     seeds = in_fresh_process("seeds", a)

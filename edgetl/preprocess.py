@@ -227,6 +227,12 @@ def load_pixels(path: str | Path, size: int) -> tuple[np.ndarray, str]:
     return resize_rgb(img, size), digest
 
 
+def pixels_from_bytes(data: bytes, name: str, size: int) -> tuple[np.ndarray, str]:
+    """Image bytes held in memory (e.g. an upload, reported as ``name``) to uint8 pixels, as
+    :func:`load_pixels` does for a file, and the sha256 of the bytes."""
+    return resize_rgb(decode_image(data, name, size), size), hashlib.sha256(data).hexdigest()
+
+
 def load_batch(
     paths: Sequence[str | Path], spec: Preprocessing
 ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:

@@ -77,7 +77,7 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def _litert_interpreter_class(backend: str | None):
+def litert_interpreter_class(backend: str | None):
     order = [LITERT, TFLITE_RUNTIME] if backend in (None, LITERT, "auto") else [backend]
     errors = []
     for name in order:
@@ -98,7 +98,7 @@ def _litert_interpreter_class(backend: str | None):
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Silence native writes to fd 2 (Python exceptions still carry their messages)."""
     try:
         saved = os.dup(2)
@@ -168,13 +168,13 @@ class TFLiteRunner(ModelRunner):
                  inspect: bool = False):
         """``inspect=True`` loads without the default (XNNPACK) delegate, so the op list is the file's own."""
         self.path = Path(path)
-        self.backend, Interpreter = _litert_interpreter_class(backend)
+        self.backend, Interpreter = litert_interpreter_class(backend)
         kwargs = {}
         if inspect:
             module = importlib.import_module(Interpreter.__module__)
             kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            with _quiet_stderr():  # LiteRT's C++ logs "Created TensorFlow Lite XNNPACK delegate" on fd 2
+            with quiet_stderr():  # LiteRT's C++ logs "Created TensorFlow Lite XNNPACK delegate" on fd 2
                 self.interp = Interpreter(model_path=str(self.path), num_threads=threads or default_threads(), **kwargs)
                 self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:

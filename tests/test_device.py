@@ -21,9 +21,10 @@ from click.testing import CliRunner
 
 from edgetl.cli import cli
 from edgetl.device import HeadTrainConfig, Learner, SampleStore
-from edgetl.device.headtrain import loss_and_grads, ncm_predict, train_head
 from edgetl.errors import BundleError, StoreError
-from edgetl.head_solver import class_weights
+from edgetl.head import ncm_predict, train_head
+from edgetl.head.fit import loss_and_grads
+from edgetl.head.solver import class_weights
 
 from .helpers import FLOWERS, HYMENOPTERA
 from .helpers import ROOT as ROOT_DIR
@@ -180,14 +181,14 @@ def test_a_train_that_started_before_a_remove_cannot_bring_the_label_back(learne
     learner.add(BEES[:4], "bees")
     learner.train(HeadTrainConfig(epochs=2))
     other = Learner.open(learner.bundle.source, store=learner.store.path, threads=1)
-    real_train_head = __import__("edgetl.device.learner", fromlist=["train_head"]).train_head
+    real_train_head = __import__("edgetl.device.retrain", fromlist=["train_head"]).train_head
 
     def slow_train(*a, **k):  # while this training runs (its first fit), another process removes 'ants'
         if "ants" in other.store.counts():
             other.remove("ants")
         return real_train_head(*a, **k)
 
-    monkeypatch.setattr("edgetl.device.learner.train_head", slow_train)
+    monkeypatch.setattr("edgetl.device.retrain.train_head", slow_train)
     with pytest.raises(StoreError, match=r"the sample store changed while this head was trained .* generation "
                                          r"\d+ -> \d+\); the new head was not saved"):
         learner.train(HeadTrainConfig(epochs=2))
@@ -198,13 +199,13 @@ def test_a_train_that_started_before_a_remove_cannot_bring_the_label_back(learne
 def test_photos_added_during_a_train_are_kept_and_do_not_block_it(learner, monkeypatch):
     learner.add(ANTS[:4], "ants")
     other = Learner.open(learner.bundle.source, store=learner.store.path, threads=1)
-    real_train_head = __import__("edgetl.device.learner", fromlist=["train_head"]).train_head
+    real_train_head = __import__("edgetl.device.retrain", fromlist=["train_head"]).train_head
 
     def busy_train(*a, **k):  # photos keep arriving while the head trains
         other.add(BEES[:2], "bees")
         return real_train_head(*a, **k)
 
-    monkeypatch.setattr("edgetl.device.learner.train_head", busy_train)
+    monkeypatch.setattr("edgetl.device.retrain.train_head", busy_train)
     r = learner.train(HeadTrainConfig(epochs=2))
     assert "ants" in r["labels"] and "bees" not in r["labels"] and learner.store.counts()["bees"] == 2
     other.close()
@@ -395,7 +396,7 @@ def test_soft_target_gradients_match_finite_differences_and_distillation_recover
     # Distilling a teacher head's probabilities from another start finds the teacher's answers.
     teacher = [(rng.normal(0, 1, (6, 3)).astype(np.float32), np.zeros(3, np.float32))]
     xs = rng.normal(0, 1, (200, 6)).astype(np.float32)
-    from edgetl.head_arrays import head_predict
+    from edgetl.head.arrays import head_predict
 
     t = head_predict(xs, teacher)
     start = [(np.zeros((6, 3), np.float32), np.zeros(3, np.float32))]
@@ -421,8 +422,8 @@ def test_head_training_is_deterministic_and_balanced():
 
 
 def test_lbfgs_solves_the_same_problem_to_convergence_from_any_start():
-    from edgetl.device.headtrain import loss_and_grads
-    from edgetl.head_solver import choose_l2, solve_softmax
+    from edgetl.head.fit import loss_and_grads
+    from edgetl.head.solver import choose_l2, solve_softmax
 
     rng = np.random.default_rng(2)
     x = rng.normal(0, 1, (120, 16)).astype(np.float32)
@@ -473,7 +474,7 @@ def test_the_subspace_solve_is_the_full_solve_when_it_holds_every_training_direc
 
 
 def test_subspace_lift_is_exact_and_extension_is_orthonormal():
-    from edgetl.head_solver import Subspace
+    from edgetl.head.solver import Subspace
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 30)).astype(np.float32)
@@ -626,7 +627,7 @@ def test_hostile_photos_and_labels_get_one_line_errors_and_lose_nothing(device_b
 
 
 def test_new_classes_get_a_bias_chosen_on_held_back_replay(learner):
-    from edgetl.device.learner import BIAS_GRID
+    from edgetl.head.calibration import BIAS_GRID
 
     learner.add(ANTS[:10], "ants")
     learner.add(BEES[:10], "bees")
@@ -654,7 +655,7 @@ def test_a_training_that_forgets_the_bundles_classes_is_kept_but_not_activated(l
     """The forgetting check on held-back replay (judged here with the minimum lowered to the tiny
     bundle's 3 held-back photos): a class made of another class's photos takes its held-back
     photos, so the training is saved as a candidate; --force (force=True) activates one."""
-    import edgetl.device.learner as lm
+    import edgetl.head.calibration as lm
     from edgetl.bundle import open_bundle
 
     monkeypatch.setattr(lm, "GUARD_MIN_PHOTOS", 1)
@@ -705,8 +706,8 @@ def test_auto_mode_answers_with_class_means_until_the_head_knows_every_class(lea
 
 
 def test_head_scores_are_temperature_calibrated_and_low_ones_can_be_unknown(learner):
-    from edgetl.device.headtrain import fit_temperature, with_temperature
-    from edgetl.head_arrays import head_predict
+    from edgetl.head import fit_temperature, with_temperature
+    from edgetl.head.arrays import head_predict
 
     learner.add(ANTS[:6], "ants")
     r = learner.train()

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgetl.bundle import MANIFEST, commit_bundle, file_entry, make_staging, open_bundle
+from edgetl.bundle import MANIFEST, BundleWriter, open_bundle
+from edgetl.bundle.selftest import References
 from edgetl.cli import cli
 from edgetl.device import Learner
 from edgetl.errors import BundleError
-from edgetl.selftest import References
+from edgetl.preprocess import Preprocessing
 
 
 @pytest.mark.device
@@ -49,7 +49,7 @@ def test_device_check_passes_on_a_good_bundle_and_info_shows_it(device_bundle, t
 @pytest.mark.device
 def test_first_load_checks_once_per_cpu_and_caches_in_the_store(device_bundle, tmp_path):
     lr = Learner.open(device_bundle, store=tmp_path / "s.sqlite", threads=1)
-    key = lr._check_key()
+    key = lr.backbone_check.key()
     cached = json.loads(lr.store.get_meta(key))
     assert cached["ok"] and cached["file"] == lr.backbone_entry["file"]
     lr.close()
@@ -74,15 +74,15 @@ def test_a_backbone_far_from_its_references_is_refused_with_a_clear_message(tiny
     tflite_export(src, bad_file, "int8", ExportConfig())
 
     target = tmp_path / "tampered"
-    staging = make_staging(target)
     manifest = json.loads((device_bundle / MANIFEST).read_text())
-    for e in manifest["files"]:
-        shutil.copy2(device_bundle / e["file"], staging / e["file"])
-    shutil.copy2(bad_file, staging / "backbone_int8.tflite")
-    manifest["files"] = [file_entry(staging, e["file"], e["role"], **{k: v for k, v in e.items()
-                                                                      if k not in ("file", "role", "bytes", "sha256")})
-                         for e in manifest["files"]]
-    commit_bundle(staging, target, manifest)
+    with BundleWriter(target) as w:
+        for e in manifest["files"]:
+            src = bad_file if e["file"] == "backbone_int8.tflite" else device_bundle / e["file"]
+            w.copy(src, e["file"], e["role"], **{k: v for k, v in e.items() if k not in ("file", "role", "bytes", "sha256")})
+        kept = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "name", "created", "files",
+                                                                "manifest_sha256")}
+        w.commit(kept.pop("labels"), Preprocessing.from_dict(kept.pop("preprocessing")), kept.pop("feature_dim"),
+                 kept.pop("backbone"), kept.pop("tools"), **kept)
     open_bundle(target)  # every hash is right
 
     with pytest.raises(BundleError) as err:

@@ -112,7 +112,7 @@ def test_reloaded_run_reproduces_validation_accuracy(tiny_run, tiny_data, tmp_pa
 def test_default_head_is_the_converged_solution_on_all_photos(tiny_run):
     """The default head: L2 by cross-validation on the training split, then solved to convergence
     on training + validation features; head.npz and model.keras hold that solution."""
-    from edgetl.head_solver import solve_softmax
+    from edgetl.head.solver import solve_softmax
     from edgetl.predict import open_predictor
     from edgetl.train.run import Run
 
@@ -133,7 +133,7 @@ def test_default_head_is_the_converged_solution_on_all_photos(tiny_run):
     solved, _ = solve_softmax(x, y, 3, h["l2"], balance=True)
     with np.load(tiny_run / "head.npz") as z:
         saved = [(z["W0"], z["b0"])]
-    from edgetl.head_arrays import head_predict
+    from edgetl.head.arrays import head_predict
 
     np.testing.assert_allclose(head_predict(x, saved), head_predict(x, solved), atol=1e-3)
     keras_probs = open_predictor(tiny_run).predict(preprocess.normalize(

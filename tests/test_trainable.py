@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from edgetl.bundle import open_bundle
 from edgetl.cli import cli
 from edgetl.device import HeadTrainConfig, Learner
-from edgetl.device.headtrain import add_classes, train_head
-from edgetl.device.tflite_trainer import TFLiteTrainableHead, config_for, train_with_tflite
 from edgetl.errors import ConfigError
-from edgetl.head_arrays import head_predict
+from edgetl.head.arrays import head_predict
+from edgetl.head.fit import add_classes, train_head
+from edgetl.head.tflite import TFLiteTrainableHead, config_for, train_with_tflite
 
 from .helpers import HYMENOPTERA
 
@@ -79,7 +79,7 @@ def test_a_class_added_into_a_spare_slot_is_learned(bundle, features):
     y = np.concatenate([ry, np.full(len(ants), 3)])
     layers = add_classes(bundle.head(), x, y, [3])
     cfg = config_for(bundle.pick("trainable_head"), epochs=15, batch_size=8)
-    trained, losses = train_with_tflite(bundle, layers, x, y, cfg)
+    trained, losses = train_with_tflite(bundle.path(bundle.pick("trainable_head")), bundle.pick("trainable_head"), layers, x, y, cfg)
     assert trained[-1][0].shape == (1280, 4) and losses[-1] < losses[0]
     pred = head_predict(ants, trained).argmax(1)
     assert (pred == 3).all()
@@ -92,7 +92,7 @@ def test_tflite_and_numpy_trainers_agree_after_20_epochs(bundle, features):
     y = np.concatenate([ry, np.full(len(ants), 3)])
     start = add_classes(bundle.head(), x, y, [3])
     cfg = config_for(bundle.pick("trainable_head"), epochs=20, batch_size=8, seed=5)
-    tfl, tfl_losses = train_with_tflite(bundle, start, x, y, cfg)
+    tfl, tfl_losses = train_with_tflite(bundle.path(bundle.pick("trainable_head")), bundle.pick("trainable_head"), start, x, y, cfg)
     npy, np_losses = train_head(start, x, y, cfg)
     moved = np.abs(npy[0][0] - start[0][0]).max()
     assert moved > 1e-2  # the weights really changed
@@ -105,7 +105,7 @@ def test_tflite_and_numpy_trainers_agree_after_20_epochs(bundle, features):
 def test_tflite_trainer_refuses_settings_it_cannot_do(bundle, features):
     rx, ry, _ = features
     with pytest.raises(ConfigError, match=r"does one SGD step with learning rate 0.01 and l2 0.0001.*--optimizer sgd"):
-        train_with_tflite(bundle, bundle.head(), rx, ry, HeadTrainConfig())
+        train_with_tflite(bundle.path(bundle.pick("trainable_head")), bundle.pick("trainable_head"), bundle.head(), rx, ry, HeadTrainConfig())
 
 
 def test_learner_and_cli_with_the_tflite_trainer(device_bundle, tmp_path):

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import click
 
+from ..bundle.selftest import describe_cpu
 from ..data import expand_images
-from ..device.headtrain import OPTIMIZERS, HeadTrainConfig
 from ..device.learner import MODES
 from ..device.service import Limits
-from ..device.tflite_trainer import config_for
 from ..formats import BACKENDS, PRECISIONS
-from ..selftest import describe_cpu
+from ..head.fit import OPTIMIZERS, HeadTrainConfig
+from ..head.tflite import config_for
 from .common import emit, emit_json, handle_errors, json_option, print_table, report_predictions, setup_logging
 
 TRAINERS = ("numpy", "tflite")

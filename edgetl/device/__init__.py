@@ -1,6 +1,6 @@
 """The device side: NumPy + LiteRT or ONNX Runtime. Never imports TensorFlow."""
 
-from .headtrain import HeadTrainConfig
+from ..head.fit import HeadTrainConfig
 from .learner import Learner
 from .store import SampleStore
 

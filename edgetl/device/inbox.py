@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..data import is_image_file
-from .headtrain import HeadTrainConfig
+from ..head.fit import HeadTrainConfig
 from .learner import Learner
 
 log = logging.getLogger("edgetl")

@@ -31,8 +31,8 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import ConfigError, DataError, EdgetlError, StoreError
+from ..head.fit import HeadTrainConfig
 from ..labels import printable
-from .headtrain import HeadTrainConfig
 from .learner import MODES
 
 log = logging.getLogger("edgetl")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StoreError
-from ..head_arrays import Layers, head_bytes, head_from_npz
+from ..head.arrays import Layers, head_bytes, head_from_npz
 
 SCHEMA_VERSION = 1
 

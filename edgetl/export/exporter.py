@@ -9,29 +9,19 @@ and move the finished bundle into place in one rename.
 from __future__ import annotations
 
 import importlib
-import io
 import json
 import logging
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__, package_versions, preprocess
-from ..bundle import BUNDLE_FORMAT, FORMAT_VERSION, commit_bundle, file_entry, make_staging, zip_bundle
-from ..data import Sample, load_samples
-from ..device.headtrain import HeadTrainConfig, train_head
-from ..errors import ConfigError, ExportError
-from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..formats import MODEL_ROLES, file_format, file_name
-from ..head_arrays import Layers, head_predict, save_head
-from ..metrics import cosine
-from ..runtime import open_model, run_batched
-from ..selftest import (
+from ..bundle import BundleWriter, zip_bundle
+from ..bundle.selftest import (
     REFERENCE_PHOTOS,
     REFERENCES,
     References,
@@ -40,7 +30,15 @@ from ..selftest import (
     jpeg_references,
     thresholds,
 )
-from ..selftest import measure as measure_file
+from ..bundle.selftest import measure as measure_file
+from ..data import Sample, load_samples
+from ..errors import ConfigError, ExportError
+from ..fileio import atomic_write_bytes, atomic_write_json
+from ..formats import MODEL_ROLES, file_format, file_name
+from ..head.arrays import Layers, head_predict
+from ..head.fit import HeadTrainConfig, train_head
+from ..metrics import cosine
+from ..runtime import open_model, run_batched
 from .common import ExportSource
 from .config import ExportConfig, Plan
 
@@ -134,17 +132,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, config: Expor
         config = replace(config, max_classes=len(run.labels) + 8)
     plans = config.plans()
     job = _Export(run, config, progress, total=sum(len(p.files) for p in plans))
-    staging = make_staging(target)
-    try:
-        job.start(staging)
+    with BundleWriter(target, force=config.force) as writer:
+        job.start(writer)
         for plan in plans:
             job.head_file(plan) if plan.from_head else job.model_files(plan)
-        report, manifest = job.finish(target)
-        commit_bundle(staging, target, manifest, force=config.force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    report["manifest"] = manifest
+        report = job.finish()
+    report["manifest"] = writer.manifest
     if config.make_zip:
         report["zip"] = str(zip_bundle(target, target.with_suffix(".zip")))
     report["seconds"] = round(time.perf_counter() - t_start, 2)
@@ -181,9 +174,10 @@ class _Export:
         self.extra_heads: dict[str, str] = {}  # backbone file -> its re-fitted head's file
         self.teacher = None  # (photo paths, the float model's probabilities on them), computed once
 
-    def start(self, staging: Path) -> None:
-        self.staging = staging
-        self.work = staging / ".work"
+    def start(self, writer: BundleWriter) -> None:
+        self.writer = writer
+        self.staging = writer.staging
+        self.work = self.staging / ".work"
         self.work.mkdir()
         self.metadata = {"labels": _json(self.run.labels), "preprocessing": _json(self.spec.to_dict()),
                          "backbone": _json(self.run.backbone_identity), "edgetl_version": __version__}
@@ -231,9 +225,7 @@ class _Export:
                                                                       train_features[2], self.spec))
                 head, refit_info = _refit_head(train_features, self.head_layers, self.teacher[1])
                 if role in plan.files and head is not self.head_layers:
-                    head_name = f"head_{name.replace('.', '_')}.npz"
-                    save_head(self.staging / head_name, head)
-                    self.extra_heads[name] = head_name
+                    self.extra_heads[name] = self.writer.write_head(head, backbone=name)
             if role not in plan.files:
                 continue
             entry = {"role": role, "format": file_format(plan.fmt), "precision": plan.precision,
@@ -273,61 +265,43 @@ class _Export:
             row = {path: i for i, path in enumerate(train_features[2])}
             rows = [row[str(x.path)] for x in self.replay_samples if str(x.path) in row]
             feats, labels = train_features[0][rows], train_features[1][rows]
-        return _write_replay(self.staging, name, feats, labels)
+        return self.writer.write_replay(name, feats, labels)
 
-    def finish(self, target: Path) -> tuple[dict, dict]:
-        """The self-test references, head, labels, report and manifest; returns (report, manifest)."""
-        staging, head_layers, run, spec = self.staging, self.head_layers, self.run, self.spec
+    def finish(self) -> dict:
+        """The self-test references, head, labels and report; commits the bundle and returns the report."""
+        w, head_layers, run, spec = self.writer, self.head_layers, self.run, self.spec
         shutil.rmtree(self.work, ignore_errors=True)
         self_test = None
         if self.config.verify and self.val_samples:
-            self_test = _write_self_test(staging, self.entries, self.val_samples, spec, run.backbone_model,
+            self_test = _write_self_test(self.staging, self.entries, self.val_samples, spec, run.backbone_model,
                                          run.head_model, head_layers, self.extra_heads, self.config.threads)
-        save_head(staging / "head.npz", head_layers)
-        atomic_write_text(staging / "labels.txt", "\n".join(run.labels) + "\n")
         report = {
-            "bundle": str(target), "run_dir": str(run.dir), "keras_accuracy": self.keras_acc,
+            "bundle": str(w.target), "run_dir": str(run.dir), "keras_accuracy": self.keras_acc,
             "num_val_images": int(len(self.x_val)),
             "calibration_images": int(min(self.config.calibration_images, len(self.x_cal))),
             "max_drop_points": self.config.max_drop, "files": self.verification,
         }
-        atomic_write_json(staging / "export_report.json", report)
-        head_shape = {"layers": [list(w.shape) for w, _ in head_layers], "activation": "relu", "output": "softmax"}
-        files = [file_entry(staging, n, e.pop("role"), **e) for n, e in self.entries]
-        files.append(file_entry(staging, "head.npz", "head", format="npz", **head_shape))
-        for n, e in self.entries:
-            if "replay" in e:
-                files.append(file_entry(staging, e["replay"], "replay", format="npz", backbone=n))
-            if "head" in e:
-                files.append(file_entry(staging, e["head"], "head", format="npz", backbone=n, **head_shape))
+        for name, entry in self.entries:
+            w.add(name, entry.pop("role"), **entry)
+        w.write_head(head_layers)
         if self_test is not None:
-            files.append(file_entry(staging, REFERENCES, "references", format="npz"))
-        files.append(file_entry(staging, "labels.txt", "labels", format="text"))
-        files.append(file_entry(staging, "export_report.json", "report", format="json"))
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "name": target.name,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "labels": run.labels,
-            "preprocessing": spec.to_dict(),
-            "input": {"size": spec.size, "layout": "NHWC", "channels": 3, "color": spec.channel_order},
-            "feature_dim": int(run.backbone_identity["feature_dim"]),
-            "backbone": run.backbone_identity,
-            "files": files,
-            "tools": tool_versions(),
-            "verification": {"keras_accuracy": self.keras_acc, "num_images": int(len(self.x_val))},
-        }
+            w.add(REFERENCES, "references", format="npz")
+        w.write_labels(run.labels)
+        atomic_write_json(w.path("export_report.json"), report)
+        w.add("export_report.json", "report", format="json")
+        extra = {"verification": {"keras_accuracy": self.keras_acc, "num_images": int(len(self.x_val))}}
         if self_test is not None:
-            manifest["self_test"] = self_test
-        return report, manifest
+            extra["self_test"] = self_test
+        w.commit(run.labels, spec, int(run.backbone_identity["feature_dim"]), run.backbone_identity, tool_versions(),
+                 **extra)
+        return report
 
 
 def _write_self_test(staging: Path, entries: list, val_samples: list[Sample], spec, backbone, head_model,
                      head_layers: Layers, extra_heads: dict[str, str], threads: int | None) -> dict:
     """references.npz (validation photos as the device will decode them, with the float model's
     outputs) and, per model file, what it scores on them here and the thresholds a device must meet."""
-    from ..head_arrays import load_head
+    from ..head.arrays import load_head
 
     chosen = balanced_subset(val_samples, REFERENCE_PHOTOS)
     pixels, _, bad = preprocess.load_pixels_batch([s.path for s in chosen], spec.size)
@@ -447,22 +421,6 @@ def _gate(v: dict, max_drop: float) -> None:
             f"(allowed: {max_drop} points, --max-drop). Export fp16 or dynamic instead "
             f"(--format tflite:fp16 or tflite:dynamic), or calibrate on more images (--calibration-images)."
         )
-
-
-def _write_replay(staging: Path, backbone_file: str, feats: np.ndarray, labels: np.ndarray) -> str:
-    """Replay features for on-device retraining, made with THIS backbone file (float16 on disk),
-    with their mean and leading principal directions (float32): the subspace a device retrain
-    solves in (edgetl.head_solver.Subspace), computed once here instead of on every device."""
-    from ..head_solver import SHIPPED_DIRECTIONS, Subspace
-
-    name = f"replay_{backbone_file.replace('.', '_')}.npz"
-    order = np.argsort(labels, kind="stable")  # grouped by class, photos in the run's order
-    feats = feats[order].astype(np.float16)
-    sub = Subspace.principal(feats.astype(np.float32), SHIPPED_DIRECTIONS)  # of the features as the device reads them
-    buf = io.BytesIO()
-    np.savez(buf, features=feats, labels=labels[order].astype(np.int64), basis_mean=sub.mean, basis=sub.basis)
-    atomic_write_bytes(staging / name, buf.getvalue())
-    return name
 
 
 def _json(obj) -> str:

@@ -12,7 +12,7 @@ so the graph converts with ``TFLITE_BUILTINS`` alone: the ``GradientTape`` form 
 ops (``BroadcastGradientArgs``, ``ReluGrad``) that stock LiteRT refuses. Variables are plain
 ``tf.Variable`` on a ``tf.Module`` (Keras 3 variables come out uninitialised). The output has
 ``K = max_classes`` slots; slots whose ``mask`` is 0 get a logit of -1e9 until a class is
-assigned to them. The step is the same as :mod:`edgetl.device.headtrain` with
+assigned to them. The step is the same as :mod:`edgetl.head.fit` with
 ``optimizer='sgd', balance=False``, so the two trainers can be compared number for number.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, ExportError
 from ..fileio import atomic_write_bytes
-from ..head_arrays import Layers, pad_to_slots
+from ..head.arrays import Layers, pad_to_slots
 from .common import ExportSource
 from .config import ExportConfig
 
@@ -158,7 +158,7 @@ def export(source: ExportSource, path: Path, precision: str, options: ExportConf
     if flex:
         raise ExportError(f"the trainable head contains custom/Flex ops {flex}; stock LiteRT cannot run it")
     atomic_write_bytes(path, flatbuffer)
-    from ..device.tflite_trainer import TFLiteTrainableHead
+    from ..head.tflite import TFLiteTrainableHead
 
     head = TFLiteTrainableHead(path, threads=1)  # loads in stock LiteRT, no Flex delegate
     missing = sorted(set(SIGNATURES) - set(head.signatures))

@@ -63,7 +63,7 @@ class SplitPredictor(Predictor):
     """Backbone file + NumPy head: what the device runs."""
 
     def __init__(self, runner, layers, labels, spec, source):
-        from ..head_arrays import head_predict
+        from ..head.arrays import head_predict
 
         self._head_predict = head_predict
         self.runner, self.layers, self.labels, self.preprocessing, self.source = runner, layers, labels, spec, source

@@ -24,7 +24,7 @@ class TrainConfig:
         val_split: fraction held out per class, chosen by hash of the relative path.
         backbone, alpha, size, weights: the frozen feature extractor.
         solver: how the head is fitted. "lbfgs": the converged solver both sides share
-            (:mod:`edgetl.head_solver`): L2 by 5-fold cross-validation on the training photos'
+            (:mod:`edgetl.head.solver`): L2 by 5-fold cross-validation on the training photos'
             features (one-standard-error rule) unless ``l2`` is given, then solved to
             convergence; "adam": Keras, ``epochs`` with early stopping on validation loss;
             "auto": lbfgs for a linear head on cached features without label smoothing, else adam.

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import preprocess
 from ..data import Sample
-from ..head_arrays import Layers
+from ..head.arrays import Layers
 
 
 def build_head(feature_dim: int, num_classes: int, hidden: Sequence[int] = (), dropout: float = 0.0, seed: int = 0):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..data import Sample, scan_folder
 from ..errors import ConfigError, DataError, ModelError
-from ..head_arrays import Layers, load_head
+from ..head.arrays import Layers, load_head
 from ..preprocess import Preprocessing
 
 RUN_FILES = ("run.json", "model.keras", "head.npz", "labels.txt")

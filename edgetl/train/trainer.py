@@ -17,7 +17,7 @@ from .. import __version__
 from ..data import ImageFolder, scan_folder, split_folder
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_write_json, atomic_write_text, commit_dir, make_staging_dir
-from ..head_arrays import head_predict, save_head
+from ..head.arrays import head_predict, save_head
 from ..metrics import classification_report
 from .backbones import Backbone, build_backbone, weights_digest
 from .config import TrainConfig
@@ -55,8 +55,8 @@ def gpu_names() -> list[str]:
 
 
 def class_weight_map(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
-    """Keras' class_weight: the solvers' balanced weights (edgetl.head_solver), or None."""
-    from ..head_solver import balanced_class_weights
+    """Keras' class_weight: the solvers' balanced weights (edgetl.head.solver), or None."""
+    from ..head.solver import balanced_class_weights
 
     if mode == "none":
         return None
@@ -149,7 +149,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None, force: bool = Fals
 
 
 def _solve_head(cfg: TrainConfig, tr: Features, va: Features, num_classes: int, progress: Progress | None):
-    """The linear head by the converged solver both sides share (edgetl.head_solver).
+    """The linear head by the converged solver both sides share (edgetl.head.solver).
 
     L2 by stratified 5-fold cross-validation on the training split (unless given), the head
     solved on the training split (the validation figures are measured with it), then, with
@@ -157,7 +157,7 @@ def _solve_head(cfg: TrainConfig, tr: Features, va: Features, num_classes: int, 
     photos: the head the run keeps. Returns (final layers, the layers the validation figures
     come from or None, the head_training summary, the history row).
     """
-    from ..head_solver import choose_l2, solve_softmax
+    from ..head.solver import choose_l2, solve_softmax
 
     balance = cfg.class_weights == "balanced"
     steps = 3

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError, DataError
-from .fileio import atomic_write_json, commit_dir, make_staging_dir, sha256_file
-from .formats import FILE_ROLES, PREFERENCE, runs_format
-from .head_arrays import Layers, load_head, sum_by_class
-from .labels import check_label
-from .preprocess import Preprocessing
+from ..errors import BundleError, DataError
+from ..fileio import sha256_file
+from ..formats import FILE_ROLES, PREFERENCE, runs_format
+from ..head.arrays import Layers, load_head, sum_by_class
+from ..labels import check_label
+from ..preprocess import Preprocessing
 
 log = logging.getLogger("edgetl")
 
@@ -147,10 +147,10 @@ class Bundle:
 
     def replay_subspace(self, backbone_entry: dict, dim: int):
         """The replay features' mean and ``dim`` leading principal directions
-        (:class:`edgetl.head_solver.Subspace`) and the replay features' coordinates in it, or None
+        (:class:`edgetl.head.solver.Subspace`) and the replay features' coordinates in it, or None
         without replay features. The exporter ships the directions in the replay file; for a
         bundle without them they are computed here (once per bundle and size)."""
-        from .head_solver import Subspace
+        from ..head.solver import Subspace
 
         replay = self.replay(backbone_entry)
         if replay is None:
@@ -198,7 +198,7 @@ class Bundle:
         """Open a backbone or classifier file in its runtime and check its tensors against the
         manifest (input size, feature_dim, number of labels): a file that doesn't fit is refused
         here, with both shapes, instead of failing later inside a computation."""
-        from .runtime import open_model
+        from ..runtime import open_model
 
         runner = open_model(self.path(entry), threads=threads, backend=backend)
         want = {"backbone": self.feature_dim, "classifier": len(self.labels)}.get(entry["role"])
@@ -379,38 +379,3 @@ def _extract_zip(source: Path, into: Path) -> Path:
     if not (into / MANIFEST).exists() and len(subdirs) == 1:
         return subdirs[0]
     return into
-
-
-def file_entry(root: Path, name: str, role: str, **fields) -> dict:
-    p = root / name
-    return {"file": name, "role": role, **fields, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-
-
-def commit_bundle(staging: Path, target: Path, manifest: dict, force: bool = False) -> Path:
-    """Write the manifest last, then move the finished staging folder into place.
-
-    Until the final rename nothing exists at ``target``: an interrupted export leaves no
-    half bundle (only a hidden staging folder, removed by the next export); ``force``
-    swaps an existing bundle for the new one atomically (see :func:`edgetl.fileio.commit_dir`).
-    """
-    manifest = {k: v for k, v in manifest.items() if k != DIGEST_FIELD}
-    manifest[DIGEST_FIELD] = manifest_digest(manifest)
-    atomic_write_json(staging / MANIFEST, manifest)
-    os.chmod(staging, 0o755)
-    if target.exists() and not force:
-        raise BundleError(f"{target} already exists; pass --force to replace it")
-    return commit_dir(staging, target, replace=force)
-
-
-def make_staging(target: Path) -> Path:
-    return make_staging_dir(target)
-
-
-def zip_bundle(folder: Path, zip_path: Path) -> Path:
-    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for p in sorted(folder.iterdir()):
-            if p.is_file():
-                zf.write(p, arcname=f"{folder.name}/{p.name}")
-    os.replace(tmp, zip_path)
-    return zip_path

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
-from ..head_arrays import Layers, softmax
-from ..head_solver import RESIDUAL_DIRECTIONS, SUBSPACE_DIM, class_weights, solve_softmax
+from .arrays import Layers, softmax
+from .solver import RESIDUAL_DIRECTIONS, SUBSPACE_DIM, class_weights, solve_softmax
 
 # lbfgs: solved to convergence (solve_softmax); auto: lbfgs for a head without hidden layers, else adam
 OPTIMIZERS = ("auto", "lbfgs", "adam", "sgd")
@@ -246,58 +246,6 @@ def add_classes(layers: Layers, x: np.ndarray, y: np.ndarray, new_ids: list[int]
 def drop_classes(layers: Layers, keep: list[int]) -> Layers:
     w, b = layers[-1]
     return [*layers[:-1], (w[:, keep].copy(), b[keep].copy())]
-
-
-def ncm_predict(x: np.ndarray, means: np.ndarray, temperature: float = 10.0,
-                centre: np.ndarray | None = None) -> np.ndarray:
-    """Nearest-class-mean by cosine similarity; scores are a softmax over similarities. With
-    ``centre`` (the mean feature of the bundle's replay photos), features and class means are
-    centred on it first (SimpleShot: centred, L2-normalised features; on the flowers bundle with
-    10 ants + 10 bees it recognised 0.81 of hymenoptera/val against 0.76 uncentred)."""
-    if centre is not None:
-        x, means = x - centre, means - centre
-    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    mn = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
-    return softmax(temperature * (xn @ mn.T)).astype(np.float32)
-
-
-def ncm_nearest(x: np.ndarray, means: np.ndarray, centre: np.ndarray | None = None) -> np.ndarray:
-    """The class index ncm_predict ranks first for each row of ``x``, without its scores: a
-    feature's own length does not change which mean is nearest in angle, so the features are
-    neither copied nor normalised (the held-back checks of a device retrain: 240 x 1280)."""
-    if centre is not None:
-        means = means - centre
-    mn = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
-    sims = np.asarray(x, np.float32) @ mn.T.astype(np.float32)
-    if centre is not None:
-        sims -= (centre @ mn.T).astype(np.float32)
-    return sims.argmax(axis=1)
-
-
-def fit_temperature(probs: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """The temperature T that makes ``softmax(log(probs) / T)`` best calibrated on labelled
-    held-back samples (least negative log-likelihood; Guo et al. 2017). Returns T and the mean
-    NLL before and after."""
-    from scipy.optimize import minimize_scalar
-
-    logits = np.log(np.maximum(np.asarray(probs, np.float64), 1e-30))
-    rows = np.arange(len(y))
-
-    def nll(t: float) -> float:
-        z = logits / t
-        z = z - z.max(axis=1, keepdims=True)
-        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[rows, y]))
-
-    # To 1e-3 (SciPy's default 1e-5 took 32 evaluations of the NLL, this 23): T is reported to 4
-    # digits, and a calibration does not need more.
-    best = minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded", options={"xatol": 1e-3})
-    return float(best.x), nll(1.0), float(best.fun)
-
-
-def with_temperature(probs: np.ndarray, t: float | None) -> np.ndarray:
-    if not t or t == 1.0 or not len(probs):
-        return probs
-    return softmax(np.log(np.maximum(np.asarray(probs, np.float64), 1e-30)) / t).astype(np.float32)
 
 
 def _train_lbfgs(layers: Layers, x, y, cfg: HeadTrainConfig, on_epoch) -> tuple[Layers, dict]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelError
-from .fileio import atomic_write_bytes
+from ..errors import ModelError
+from ..fileio import atomic_write_bytes
 
 Layers = list[tuple[np.ndarray, np.ndarray]]
 

@@ -1,7 +1,8 @@
 """Drive a ``tflite-trainable`` head through its signatures (the phone's path, run in Python).
 
 ``Learner(trainer='tflite')`` uses this instead of the NumPy trainer, so the phone path is
-exercised on every machine. No TensorFlow: LiteRT (or tflite_runtime) only.
+exercised on every machine; the exporter checks each file it writes with it. No TensorFlow:
+LiteRT (or tflite_runtime) only.
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, ModelError
-from ..head_arrays import Layers, pad_to_slots
-from ..runtime import _litert_interpreter_class, _quiet_stderr
-from .headtrain import HeadTrainConfig, epoch_orders
+from ..runtime import litert_interpreter_class, quiet_stderr
+from .arrays import Layers, pad_to_slots
+from .fit import HeadTrainConfig, epoch_orders
 
 
 class TFLiteTrainableHead:
     def __init__(self, path: str | Path, threads: int | None = 1, backend: str | None = None):
         self.path = Path(path)
-        _, Interpreter = _litert_interpreter_class(backend)
+        _, Interpreter = litert_interpreter_class(backend)
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 self.interp = Interpreter(model_path=str(self.path), num_threads=threads or 1)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"LiteRT cannot load the trainable head {self.path}: {exc}") from None
@@ -80,13 +81,13 @@ def config_for(entry: dict, epochs: int = 20, batch_size: int = 32, seed: int = 
                            l2=opt["l2"], balance=False, seed=seed)
 
 
-def train_with_tflite(bundle, layers: Layers, x: np.ndarray, y: np.ndarray, cfg: HeadTrainConfig,
-                      threads: int | None = 1, on_epoch=None) -> tuple[Layers, list[float]]:
-    """Train ``layers`` with the bundle's trainable TFLite head; same epochs and order as the NumPy
-    trainer. ``on_epoch(epoch, None)`` after every epoch (1-based; e.g. progress)."""
-    entry = bundle.pick("trainable_head")
+def train_with_tflite(path: str | Path, entry: dict, layers: Layers, x: np.ndarray, y: np.ndarray,
+                      cfg: HeadTrainConfig, threads: int | None = 1, on_epoch=None) -> tuple[Layers, list[float]]:
+    """Train ``layers`` with the trainable TFLite head at ``path`` (its bundle ``entry`` holds its
+    optimizer); same epochs and order as the NumPy trainer. ``on_epoch(epoch, None)`` after every
+    epoch (1-based; e.g. progress)."""
     check_config(cfg, entry)
-    head = TFLiteTrainableHead(bundle.path(entry), threads=threads)
+    head = TFLiteTrainableHead(path, threads=threads)
     live = layers[-1][0].shape[1]
     if live > head.max_classes:
         raise ConfigError(f"{live} classes do not fit the trainable head's {head.max_classes} slots; "

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
-from .head_arrays import Layers
+from ..errors import ConfigError
+from .arrays import Layers
 
 
 def balanced_class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import package_versions
-from .errors import BundleError
-from .head_arrays import Layers, head_predict
-from .metrics import cosine
+from .. import package_versions
+from ..errors import BundleError
+from ..head.arrays import Layers, head_predict
+from ..metrics import cosine
 
 REFERENCES = "references.npz"
 REFERENCE_PHOTOS = 24
@@ -113,7 +113,7 @@ def _jpeg(pixels: np.ndarray) -> bytes:
 
 def _decode(blob: bytes) -> np.ndarray:
     """The device's own decoder (preprocess.decode_image), so the check covers it too."""
-    from .preprocess import decode_image
+    from ..preprocess import decode_image
 
     return np.asarray(decode_image(blob, REFERENCES), np.uint8)
 
