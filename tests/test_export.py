@@ -134,7 +134,7 @@ def test_file_sizes_shrink_with_precision(tiny_bundle):
 
 
 def test_type_check_catches_a_wrong_precision(tiny_bundle):
-    from edgetl.export.checks import check_onnx, check_tflite
+    from edgetl.convert.checks import check_onnx, check_tflite
 
     out, _ = tiny_bundle
     with pytest.raises(ExportError, match=r"classifier_fp32.tflite was asked to be TFLite int8 \(io int8\) but its "
@@ -325,8 +325,8 @@ def test_eval_and_predict_on_bundle_and_files(tiny_bundle, tiny_data, tmp_path):
 
 
 def test_uint8_io_export_is_checked_and_evaluates(tiny_run, tiny_data, tmp_path):
+    from edgetl.convert.checks import tflite_summary
     from edgetl.export import export_run
-    from edgetl.export.checks import tflite_summary
 
     rep = export_run(tiny_run, tmp_path / "u8", targets=["tflite:int8"], io="uint8", calibration_images=24,
                      max_drop=100.0, replay_per_class=0, full_integer=True)

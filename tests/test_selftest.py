@@ -61,7 +61,7 @@ def test_first_load_checks_once_per_cpu_and_caches_in_the_store(device_bundle, t
 def test_a_backbone_far_from_its_references_is_refused_with_a_clear_message(tiny_run, device_bundle, tmp_path):
     """A badly quantized int8 backbone (calibrated on one black image), put into the bundle through
     the normal writer so that every hash is right: the device refuses it on first load."""
-    from edgetl.export.common import ExportSource
+    from edgetl.convert.source import ExportSource
     from edgetl.export.config import ExportConfig
     from edgetl.export.tflite import export as tflite_export
     from edgetl.train.run import Run

@@ -31,6 +31,7 @@ from ..bundle.selftest import (
     thresholds,
 )
 from ..bundle.selftest import measure as measure_file
+from ..convert.source import ExportSource
 from ..data import Sample, load_samples
 from ..errors import ConfigError, ExportError
 from ..fileio import atomic_write_bytes, atomic_write_json
@@ -39,7 +40,6 @@ from ..head.arrays import Layers, head_predict
 from ..head.fit import HeadTrainConfig, train_head
 from ..metrics import cosine
 from ..runtime import open_model, run_batched
-from .common import ExportSource
 from .config import ExportConfig, Plan
 
 log = logging.getLogger("edgetl")

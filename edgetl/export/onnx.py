@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..convert.checks import check_onnx
+from ..convert.source import ExportSource
 from ..errors import ExportError
 from ..fileio import atomic_write_bytes
-from .checks import check_onnx
-from .common import ExportSource
 from .config import ExportConfig
 
 log = logging.getLogger("edgetl")

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..convert.source import ExportSource
 from ..errors import ConfigError, ExportError
 from ..fileio import atomic_write_bytes
 from ..head.arrays import Layers, pad_to_slots
-from .common import ExportSource
 from .config import ExportConfig
 
 SIGNATURES = ("infer", "train", "save", "restore")

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..convert.quantization import QuantizationConfig
+from ..convert.source import ExportSource
+from ..convert.tflite import to_tflite
+from ..runtime import TFLiteRunner
 from ..weights import keras_models_dir
 from .backbones import Backbone
 
@@ -35,8 +39,6 @@ class LiteRTBackbone:
     """``predict_on_batch`` and ``output_shape`` like the Keras model, on a converted file."""
 
     def __init__(self, path: Path, feature_dim: int, threads: int | None = None):
-        from ..runtime import TFLiteRunner
-
         self.path = path
         self.runner = TFLiteRunner(path, threads=threads or os.cpu_count() or 1)
         self.output_shape = (None, feature_dim)
@@ -51,15 +53,11 @@ class LiteRTBackbone:
 def convert(backbone: Backbone, path: Path) -> None:
     """The Keras backbone as a float32 TFLite file: the exporter's own fp32 conversion (through a
     SavedModel) and its checks of the file."""
-    from ..export.common import ExportSource
-    from ..export.config import ExportConfig
-    from ..export.tflite import export as export_tflite
-
     work = Path(tempfile.mkdtemp(prefix="edgetl-backbone-"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         source = ExportSource("backbone", backbone.model, work, np.zeros((0, backbone.size, backbone.size, 3), np.float32))
-        export_tflite(source, path, "fp32", ExportConfig())
+        to_tflite(source, path, QuantizationConfig.for_float32())
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

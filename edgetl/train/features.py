@@ -8,9 +8,10 @@ keeps their features; changing a photo's bytes or the backbone's weights does no
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,49 +122,37 @@ def extract_features(
         if progress:
             progress(stage, done, n)
 
-    def load(s: Sample):  # in a worker thread: read, hash and (for a cache miss) decode
+    def load(item):  # in a worker thread: read, hash and (for a cache miss) decode
+        s = item[1]
         try:
             data, digest = preprocess.read_file_bytes(s.path)
             cached = cache.get(digest) if cache is not None else None
-            img = None if cached is not None else preprocess.resize_rgb(
-                preprocess.decode_image(data, str(s.path), spec.size), spec.size)
-            return digest, cached, img, None
+            px = None if cached is not None else preprocess.pixels_from_bytes(data, str(s.path), spec.size)[0]
+            return digest, cached, px, None
         except DataError as exc:
             return None, None, None, exc
 
-    # Decoding runs ahead in threads (PIL releases the GIL) while the backbone runs on a batch.
+    # Decoding runs ahead in threads (Pillow releases the GIL) while the backbone runs on a batch.
     with ThreadPoolExecutor(max_workers=decode_threads) as pool:
-        ahead: deque = deque()
-        it = iter(enumerate(samples))
-        for i, s in it:
-            ahead.append((i, s, pool.submit(load, s)))
-            if len(ahead) >= 2 * batch_size:
-                break
-        while ahead:
-            i, s, fut = ahead.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                ahead.append((nxt[0], nxt[1], pool.submit(load, nxt[1])))
-            digest, cached, img, exc = fut.result()
+        for (i, s), (digest, cached, px, exc) in _ahead(pool, load, enumerate(samples), 2 * batch_size):
             if exc is not None:
                 if strict:
                     raise DataError(f"{exc} (strict mode: bad files are errors)") from None
                 log.warning("skipping %s", exc)
                 skipped.append({"file": s.relpath, "reason": str(exc)})
                 done += 1
-                continue
-            if cached is not None:
+            elif cached is not None:
                 feats[i] = cached
                 hits += 1
                 done += 1
                 if progress and done % batch_size == 0:
                     progress(stage, done, n)
-                continue
-            pending_idx.append(i)
-            pending_px.append(img)
-            pending_digest.append(digest)
-            if len(pending_idx) >= batch_size:
-                flush()
+            else:
+                pending_idx.append(i)
+                pending_px.append(px)
+                pending_digest.append(digest)
+                if len(pending_idx) >= batch_size:
+                    flush()
     flush()
     if progress:
         progress(stage, n, n)
@@ -180,3 +169,16 @@ def extract_features(
         cache_hits=hits,
         computed=computed,
     )
+
+
+def _ahead(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, depth: int) -> Iterator[tuple]:
+    """``(item, fn(item))`` in order, each computed in ``pool`` up to ``depth`` items ahead."""
+    queue: deque = deque()
+    it = iter(items)
+    for item in itertools.islice(it, depth):
+        queue.append((item, pool.submit(fn, item)))
+    while queue:
+        item, fut = queue.popleft()
+        for nxt in itertools.islice(it, 1):
+            queue.append((nxt, pool.submit(fn, nxt)))
+        yield item, fut.result()

@@ -229,16 +229,8 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.cache_dir is None:
         _seed_cache(target / "cache", out / "cache")
-
-    train_folder = scan_folder(cfg.data_dir, min_classes=2)
-    if cfg.val_dir:
-        val_folder = scan_folder(cfg.val_dir, classes=train_folder.classes)
-    else:
-        train_folder, val_folder = split_folder(train_folder, cfg.val_split, cfg.split_seed)
+    train_folder, val_folder = _folders(cfg)
     classes = train_folder.classes
-    for name in train_folder.ignored:
-        log.warning("ignoring %s: not an image file extension", name)
-
     gpus = gpu_names()
     if cfg.mixed_precision:
         if gpus:
@@ -250,8 +242,7 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
         backbone = build_backbone(cfg.backbone, cfg.alpha, cfg.size, cfg.weights)
     spec = backbone.preprocessing
 
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
-    cache = FeatureCache(cache_dir, backbone.key(), backbone.feature_dim)
+    cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else out / "cache", backbone.key(), backbone.feature_dim)
     t0 = time.perf_counter()
     # LiteRT without a GPU (auto), checked against Keras on the first photos it computes.
     extractor = FeatureEngine(backbone, cfg.feature_engine == "litert" or (cfg.feature_engine == "auto" and not gpus))
@@ -262,87 +253,18 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
     t_features = time.perf_counter() - t0
     _check_usable(tr, train_folder, "training")
 
-    num_classes = len(classes)
-    ytr = keras.utils.to_categorical(tr.labels, num_classes)
-    yva = keras.utils.to_categorical(va.labels, num_classes) if len(va.labels) else None
-    cw = class_weight_map(tr.labels, num_classes, cfg.class_weights)
-    monitor = "val_loss" if yva is not None else "loss"
-
     with strategy.scope():
-        head = build_head(backbone.feature_dim, num_classes, cfg.hidden, cfg.dropout, cfg.seed)
+        head = build_head(backbone.feature_dim, len(classes), cfg.hidden, cfg.dropout, cfg.seed)
         classifier = build_classifier(backbone.model, head, cfg.size)
-    history_rows: list[dict] = []
     t0 = time.perf_counter()
-    val_layers = None  # the head the validation figures are measured with, when it is not the final one
-    if cfg.head_solver == "lbfgs":
-        solved, val_layers, head_training, row = _solve_head(cfg, tr, va, num_classes, progress)
-        _set_head(head, solved)
-        history_rows.append(row)
-    else:
-        early = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
-        if not cfg.augment:
-            with strategy.scope():
-                head.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
-                             loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
-            hist = head.fit(
-                tr.features, ytr, validation_data=(va.features, yva) if yva is not None else None,
-                epochs=cfg.epochs, batch_size=cfg.batch_size, class_weight=cw, shuffle=True, verbose=0,
-                callbacks=[early, _progress_callback(progress, "head", cfg.epochs)],
-            )
-        else:
-            with strategy.scope():
-                inp = keras.Input((cfg.size, cfg.size, 3))
-                train_model = keras.Model(inp, classifier(augmentation_layers(spec, cfg.seed)(inp)))
-                train_model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
-                                    loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
-            ds_tr = make_image_dataset(tr.samples, spec, num_classes, cfg.batch_size, shuffle=True, seed=cfg.seed)
-            ds_va = (make_image_dataset(va.samples, spec, num_classes, cfg.batch_size, shuffle=False)
-                     if yva is not None else None)
-            hist = train_model.fit(ds_tr, validation_data=ds_va, epochs=cfg.epochs, class_weight=cw, verbose=0,
-                                   callbacks=[early, _progress_callback(progress, "head (augmented)", cfg.epochs)])
-        history_rows += _history_rows(hist, "head", 0)
-        head_training = {"solver": "adam", **_stopping_summary(hist, monitor, cfg.epochs, cfg.patience)}
-        if progress:  # close the bar at the epoch training stopped at (its timer stops there too)
-            progress("head" if not cfg.augment else "head (augmented)", head_training["epochs_run"],
-                     head_training["epochs_run"])
+    history_rows, head_training, val_layers = _fit_head(cfg, strategy, tr, va, head, classifier, spec, progress)
     t_head = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fine = _fine_tune(cfg, strategy, backbone, classifier, tr, va, history_rows, progress) if cfg.fine_tunes else None
+    t_fine = time.perf_counter() - t0 if fine else 0.0
 
-    fine = None
-    t_fine = 0.0
-    if cfg.fine_tunes:
-        t0 = time.perf_counter()
-        with strategy.scope():
-            n_unfrozen = _unfreeze(backbone, cfg)
-            classifier.compile(optimizer=keras.optimizers.Adam(cfg.fine_tune_lr),
-                               loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
-        ds_tr = make_image_dataset(tr.samples, spec, num_classes, cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
-        ds_va = make_image_dataset(va.samples, spec, num_classes, cfg.batch_size, shuffle=False) if yva is not None else None
-        early_ft = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
-        hist = classifier.fit(ds_tr, validation_data=ds_va, epochs=cfg.fine_tune_epochs, class_weight=cw, verbose=0,
-                              callbacks=[early_ft, _progress_callback(progress, "fine-tune", cfg.fine_tune_epochs)])
-        history_rows += _history_rows(hist, "fine_tune", len(history_rows))
-        if progress:
-            ran = len(hist.history.get("loss", []))
-            progress("fine-tune", ran, ran)
-        backbone.model.trainable = False
-        backbone.weights_sha256 = weights_digest(backbone.model)
-        fine = {"layers_unfrozen": n_unfrozen, "epochs_run": len(hist.history.get("loss", [])),
-                "learning_rate": cfg.fine_tune_lr}
-        t_fine = time.perf_counter() - t0
-
-    # Validation metrics: through the head on cached features while the backbone is the
-    # frozen one (numerically the classifier's own output); through images after fine-tuning.
     layers = head_layers(head)
-    if yva is None:
-        val_probs = np.zeros((0, num_classes), np.float32)
-    elif cfg.fine_tunes:
-        ds_va = make_image_dataset(va.samples, spec, num_classes, cfg.batch_size, shuffle=False)
-        val_probs = np.asarray(classifier.predict(ds_va, verbose=0), np.float32)
-    else:
-        val_probs = head_predict(va.features, layers if val_layers is None else val_layers)
-    report = classification_report(va.labels, val_probs.argmax(axis=1), classes)
-    val_loss = float(min(r["val_loss"] for r in history_rows if "val_loss" in r)) if yva is not None else None
-
+    report, val_loss = _validate(cfg, classifier, layers, val_layers, va, classes, spec, history_rows)
     skipped = tr.skipped + va.skipped
     summary = {
         "edgetl_version": __version__,
@@ -350,7 +272,7 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
         "classes": classes,
         "num_train": int(len(tr.labels)),
         "num_val": int(len(va.labels)),
-        "val_accuracy": report["accuracy"] if yva is not None else None,
+        "val_accuracy": report["accuracy"] if len(va.labels) else None,
         "val_loss": val_loss,
         "skipped": skipped,
         "num_skipped": len(skipped),
@@ -376,6 +298,107 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
     summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     atomic_write_json(out / "run.json", _run_json(summary, tr, va))
     return summary
+
+
+def _folders(cfg: TrainConfig) -> tuple[ImageFolder, ImageFolder]:
+    """The training and validation photos (``--val DIR``, or a split of ``DATA_DIR``)."""
+    train_folder = scan_folder(cfg.data_dir, min_classes=2)
+    if cfg.val_dir:
+        val_folder = scan_folder(cfg.val_dir, classes=train_folder.classes)
+    else:
+        train_folder, val_folder = split_folder(train_folder, cfg.val_split, cfg.split_seed)
+    for name in train_folder.ignored:
+        log.warning("ignoring %s: not an image file extension", name)
+    return train_folder, val_folder
+
+
+def _fit_head(cfg: TrainConfig, strategy, tr: Features, va: Features, head, classifier, spec,
+              progress: Progress | None) -> tuple[list[dict], dict, object]:
+    """The head on the frozen backbone's features: solved (L-BFGS), or descended with Adam (on
+    features, or on augmented photos through the classifier). Returns the history rows, how it was
+    trained, and the head the validation figures are measured with when it is not the final one."""
+    import keras
+
+    num_classes = int(head.output_shape[-1])
+    if cfg.head_solver == "lbfgs":
+        solved, val_layers, head_training, row = _solve_head(cfg, tr, va, num_classes, progress)
+        _set_head(head, solved)
+        return [row], head_training, val_layers
+    ytr = keras.utils.to_categorical(tr.labels, num_classes)
+    yva = keras.utils.to_categorical(va.labels, num_classes) if len(va.labels) else None
+    cw = class_weight_map(tr.labels, num_classes, cfg.class_weights)
+    monitor = "val_loss" if yva is not None else "loss"
+    early = keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.patience, restore_best_weights=True)
+    stage = "head (augmented)" if cfg.augment else "head"
+    if not cfg.augment:
+        with strategy.scope():
+            head.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                         loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
+        hist = head.fit(
+            tr.features, ytr, validation_data=(va.features, yva) if yva is not None else None,
+            epochs=cfg.epochs, batch_size=cfg.batch_size, class_weight=cw, shuffle=True, verbose=0,
+            callbacks=[early, _progress_callback(progress, stage, cfg.epochs)],
+        )
+    else:
+        with strategy.scope():
+            inp = keras.Input((cfg.size, cfg.size, 3))
+            train_model = keras.Model(inp, classifier(augmentation_layers(spec, cfg.seed)(inp)))
+            train_model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                                loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
+        ds_tr = make_image_dataset(tr.samples, spec, num_classes, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        ds_va = (make_image_dataset(va.samples, spec, num_classes, cfg.batch_size, shuffle=False)
+                 if yva is not None else None)
+        hist = train_model.fit(ds_tr, validation_data=ds_va, epochs=cfg.epochs, class_weight=cw, verbose=0,
+                               callbacks=[early, _progress_callback(progress, stage, cfg.epochs)])
+    head_training = {"solver": "adam", **_stopping_summary(hist, monitor, cfg.epochs, cfg.patience)}
+    if progress:  # close the bar at the epoch training stopped at (its timer stops there too)
+        progress(stage, head_training["epochs_run"], head_training["epochs_run"])
+    return _history_rows(hist, "head", 0), head_training, None
+
+
+def _fine_tune(cfg: TrainConfig, strategy, backbone: Backbone, classifier, tr: Features, va: Features,
+               history_rows: list[dict], progress: Progress | None) -> dict:
+    """The top of the backbone trained with the head, on photos; the history rows are appended."""
+    import keras
+
+    num_classes = int(classifier.output_shape[-1])
+    with strategy.scope():
+        n_unfrozen = _unfreeze(backbone, cfg)
+        classifier.compile(optimizer=keras.optimizers.Adam(cfg.fine_tune_lr),
+                           loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
+    has_val = len(va.labels) > 0
+    ds_tr = make_image_dataset(tr.samples, backbone.preprocessing, num_classes, cfg.batch_size, shuffle=True,
+                               seed=cfg.seed + 1)
+    ds_va = make_image_dataset(va.samples, backbone.preprocessing, num_classes, cfg.batch_size,
+                               shuffle=False) if has_val else None
+    early = keras.callbacks.EarlyStopping(monitor="val_loss" if has_val else "loss", patience=cfg.patience,
+                                          restore_best_weights=True)
+    hist = classifier.fit(ds_tr, validation_data=ds_va, epochs=cfg.fine_tune_epochs,
+                          class_weight=class_weight_map(tr.labels, num_classes, cfg.class_weights), verbose=0,
+                          callbacks=[early, _progress_callback(progress, "fine-tune", cfg.fine_tune_epochs)])
+    history_rows += _history_rows(hist, "fine_tune", len(history_rows))
+    ran = len(hist.history.get("loss", []))
+    if progress:
+        progress("fine-tune", ran, ran)
+    backbone.model.trainable = False
+    backbone.weights_sha256 = weights_digest(backbone.model)
+    return {"layers_unfrozen": n_unfrozen, "epochs_run": ran, "learning_rate": cfg.fine_tune_lr}
+
+
+def _validate(cfg: TrainConfig, classifier, layers, val_layers, va: Features, classes: list[str], spec,
+              history_rows: list[dict]) -> tuple[dict, float | None]:
+    """Validation figures: through the head on cached features while the backbone is the frozen
+    one (numerically the classifier's own output); through photos after fine-tuning."""
+    if not len(va.labels):
+        val_probs = np.zeros((0, len(classes)), np.float32)
+    elif cfg.fine_tunes:
+        ds_va = make_image_dataset(va.samples, spec, len(classes), cfg.batch_size, shuffle=False)
+        val_probs = np.asarray(classifier.predict(ds_va, verbose=0), np.float32)
+    else:
+        val_probs = head_predict(va.features, layers if val_layers is None else val_layers)
+    report = classification_report(va.labels, val_probs.argmax(axis=1), classes)
+    val_loss = float(min(r["val_loss"] for r in history_rows if "val_loss" in r)) if len(va.labels) else None
+    return report, val_loss
 
 
 def _final_path(p: Path, staging: Path, target: Path) -> Path:
