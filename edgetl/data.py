@@ -7,6 +7,7 @@ feature extraction, where a bad file is skipped with its reason (or fails with
 
 from __future__ import annotations
 
+import glob
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +176,6 @@ def expand_images(args: list[str | Path]) -> list[Path]:
     """Command-line image arguments as files: a folder gives its image files (recursively,
     sorted), a glob pattern (``'test/*/*.jpg'``, ``**`` allowed) the images it matches, a file
     itself. A name that matches nothing is kept, so that the caller reports it by name."""
-    import glob
 
     out: list[Path] = []
     for a in args:

@@ -6,6 +6,8 @@ them with a message that says what was received and what was expected.
 
 from __future__ import annotations
 
+import importlib
+
 
 class EdgetlError(Exception):
     """Base class of every error edgetl raises on purpose."""
@@ -41,7 +43,6 @@ class MissingDependencyError(EdgetlError):
 
 def require(module: str, extra: str):
     """Import an optional module or raise a MissingDependencyError with an install hint."""
-    import importlib
 
     try:
         return importlib.import_module(module)

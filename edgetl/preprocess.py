@@ -202,7 +202,6 @@ def resize_rgb(img: Image.Image, size: int) -> np.ndarray:
 
 def thumbnail_jpeg(pixels: np.ndarray, size: int = 112, quality: int = 80) -> bytes:
     """A small JPEG of uint8 HxWx3 pixels (e.g. the model's input: what it saw)."""
-    import io
 
     img = Image.fromarray(np.asarray(pixels, np.uint8))
     img.thumbnail((size, size), Image.Resampling.BILINEAR)

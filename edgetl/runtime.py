@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import MissingDependencyError, ModelError
 from .formats import LITERT, ONNXRUNTIME, TFLITE_RUNTIME, runs_format
+from .preprocess import normalize
 
 TFLITE_MAGIC = b"TFL3"
 
@@ -135,7 +136,6 @@ class ModelRunner:
         For a quantized input, a per-channel 256-entry table built with the same float32
         operations replaces the float round trip (bit-identical, several times faster).
         """
-        from .preprocess import normalize
 
         if not self.input.quantized:
             return normalize(pixels, spec).astype(self.input.dtype, copy=False)

@@ -11,6 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import DataError
+from .fileio import atomic_write_bytes, sha256_file
+
 
 def use_offline_weights(folder: str | Path, keep_existing: bool = True) -> Path:
     """Make a temporary ``KERAS_HOME`` whose ``models/`` links to every .h5 file in ``folder``.
@@ -47,8 +50,6 @@ def add_weights(paths: list[str | Path]) -> list[dict]:
     a file already there with the same content is left alone. Returns one ``{file, status}``
     per file (``added``, ``replaced`` or ``already there``).
     """
-    from .errors import DataError
-    from .fileio import atomic_write_bytes, sha256_file
 
     files: list[Path] = []
     for p in map(Path, paths):

@@ -24,8 +24,10 @@ from ..errors import BundleError, DataError
 from ..fileio import sha256_file
 from ..formats import FILE_ROLES, PREFERENCE, runs_format
 from ..head.arrays import Layers, load_head, sum_by_class
+from ..head.solver import Subspace
 from ..labels import check_label
 from ..preprocess import Preprocessing
+from ..runtime import open_model
 
 log = logging.getLogger("edgetl")
 
@@ -150,7 +152,6 @@ class Bundle:
         (:class:`edgetl.head.solver.Subspace`) and the replay features' coordinates in it, or None
         without replay features. The exporter ships the directions in the replay file; for a
         bundle without them they are computed here (once per bundle and size)."""
-        from ..head.solver import Subspace
 
         replay = self.replay(backbone_entry)
         if replay is None:
@@ -198,7 +199,6 @@ class Bundle:
         """Open a backbone or classifier file in its runtime and check its tensors against the
         manifest (input size, feature_dim, number of labels): a file that doesn't fit is refused
         here, with both shapes, instead of failing later inside a computation."""
-        from ..runtime import open_model
 
         runner = open_model(self.path(entry), threads=threads, backend=backend)
         want = {"backbone": self.feature_dim, "classifier": len(self.labels)}.get(entry["role"])

@@ -28,6 +28,7 @@ from .. import package_versions
 from ..errors import BundleError
 from ..head.arrays import Layers, head_predict
 from ..metrics import cosine
+from ..preprocess import decode_image
 
 REFERENCES = "references.npz"
 REFERENCE_PHOTOS = 24
@@ -113,7 +114,6 @@ def _jpeg(pixels: np.ndarray) -> bytes:
 
 def _decode(blob: bytes) -> np.ndarray:
     """The device's own decoder (preprocess.decode_image), so the check covers it too."""
-    from ..preprocess import decode_image
 
     return np.asarray(decode_image(blob, REFERENCES), np.uint8)
 

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import BundleError
 from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, commit_dir, make_staging_dir, sha256_file
 from ..head.arrays import Layers, save_head
+from ..head.solver import SHIPPED_DIRECTIONS, Subspace
 from ..preprocess import Preprocessing
 from .reader import BUNDLE_FORMAT, DIGEST_FIELD, FORMAT_VERSION, MANIFEST, manifest_digest
 
@@ -87,7 +88,6 @@ class BundleWriter:
         """Replay features made with ``backbone_file`` (float16 on disk, grouped by class), with
         their mean and leading principal directions: the subspace a device retrain solves in,
         computed once here instead of on every device."""
-        from ..head.solver import SHIPPED_DIRECTIONS, Subspace
 
         name = replay_file_for(backbone_file)
         order = np.argsort(labels, kind="stable")

@@ -103,11 +103,7 @@ _T = TrainConfig  # defaults are read from the config dataclass: written once
                    "checked against Keras on every run), keras, or auto (litert without a GPU).")
 @json_option
 @handle_errors
-def train(data_dir, out_dir, force, val_dir, val_split, backbone, alpha, size, weights, solver, l2, final_fit, epochs,
-          batch_size,
-          learning_rate, hidden, dropout, label_smoothing, class_weights, patience, augment, fine_tune_layers,
-          fine_tune_from, fine_tune_epochs, fine_tune_lr, distribute, mixed_precision, strict, seed, cache_dir,
-          feature_engine, as_json):
+def train(force, as_json, **options):
     """Train a classifier on DATA_DIR (one sub-folder of images per class).
 
     The frozen backbone turns each image into a feature once (cached in the run folder);
@@ -117,21 +113,9 @@ def train(data_dir, out_dir, force, val_dir, val_split, backbone, alpha, size, w
     """
     from ..train.run import check_run_target
 
-    out_dir = out_dir or Path("runs") / Path(data_dir).resolve().name
-    spec = BACKBONES[backbone]
-    cfg = TrainConfig(
-        data_dir=str(data_dir), out_dir=str(out_dir), val_dir=str(val_dir) if val_dir else None, val_split=val_split,
-        backbone=backbone, alpha=alpha if alpha is not None else spec.default_alpha,
-        size=size, weights=weights, solver=solver, l2=l2, final_fit=final_fit, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate,
-        hidden=hidden, dropout=dropout, label_smoothing=label_smoothing, class_weights=class_weights,
-        patience=patience, augment=augment, fine_tune_layers=fine_tune_layers, fine_tune_from=fine_tune_from,
-        fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr, distribute=distribute,
-        mixed_precision=mixed_precision, strict=strict, seed=seed, cache_dir=str(cache_dir) if cache_dir else None,
-        feature_engine=feature_engine,
-    )
+    cfg = TrainConfig.from_options(**options)
     cfg.check()  # argument errors before TensorFlow is imported
-    check_run_target(Path(out_dir), force)
+    check_run_target(Path(cfg.out_dir), force)
     quiet_tensorflow()
     from ..train import train as run_train
 

@@ -21,14 +21,17 @@ import numpy as np
 
 from ..bundle import Bundle, open_bundle
 from ..bundle.selftest import cpu_fingerprint
+from ..data import scan_folder
 from ..errors import ConfigError, DataError, StoreError
 from ..head.arrays import head_predict
 from ..head.calibration import with_temperature
 from ..head.fit import HeadTrainConfig, drop_classes
 from ..head.ncm import ncm_predict
 from ..labels import check_label, printable, storable
+from ..metrics import classification_report
 from ..metrics import top_k as top_k_labels
 from .backbone import BackboneCheck, first_passing_backbone, pick_backbone
+from .bundle_out import export_personalized
 from .features import Extracted, FeatureExtractor, PhotoLike
 from .retrain import Retrainer, TrainingSet, bundle_names, carry_names, heldout_report
 from .store import SampleStore
@@ -202,7 +205,6 @@ class Learner:
 
     def export(self, out: str | Path, force: bool = False) -> dict:
         """The active head, labels and replay (bundle's + stored samples) as a new bundle."""
-        from .bundle_out import export_personalized
 
         return export_personalized(self, out, force=force)
 
@@ -335,8 +337,6 @@ class Learner:
     def evaluate(self, data_dir: str | Path, mode: str = "auto") -> dict:
         """Accuracy of the active head (or NCM, or what ``auto`` picks) on a class folder, split
         into the bundle's original classes and the classes learned on the device."""
-        from ..data import scan_folder
-        from ..metrics import classification_report
 
         mode, _ = self.answer_mode(mode)
         labels = self.labels() if mode == "head" else self.class_means()[0]

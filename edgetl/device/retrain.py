@@ -24,6 +24,7 @@ from ..head.calibration import fit_temperature, new_class_bias, with_bias, witho
 from ..head.fit import HeadTrainConfig, add_classes, drop_classes, resolve_optimizer, train_head
 from ..head.ncm import ncm_nearest
 from ..head.solver import Subspace, one_blas_thread
+from ..head.tflite import config_for, train_with_tflite
 from .store import HeadVersion, SampleStore
 
 Progress = Callable[[float], None]
@@ -246,7 +247,6 @@ class Retrainer:
     # -- one retrain -----------------------------------------------------------------------------
     def default_config(self) -> HeadTrainConfig:
         if self.trainer == "tflite":
-            from ..head.tflite import config_for
 
             return config_for(self.bundle.pick("trainable_head"))
         return HeadTrainConfig()
@@ -316,7 +316,6 @@ class Retrainer:
         if progress is not None:
             progress(lo)
         if self.trainer == "tflite":
-            from ..head.tflite import train_with_tflite
 
             entry = self.bundle.pick("trainable_head")
             return train_with_tflite(self.bundle.path(entry), entry, start, xs, ys, cfg, on_epoch=on_epoch)

@@ -36,10 +36,11 @@ from ..data import Sample, load_samples
 from ..errors import ConfigError, ExportError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..formats import MODEL_ROLES, file_format, file_name
-from ..head.arrays import Layers, head_predict
+from ..head.arrays import Layers, head_predict, load_head
 from ..head.fit import HeadTrainConfig, train_head
 from ..metrics import cosine
 from ..runtime import open_model, run_batched
+from ..train.run import Run
 from .config import ExportConfig, Plan
 
 log = logging.getLogger("edgetl")
@@ -114,7 +115,6 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, config: Expor
     ``config`` (or its fields as keyword arguments, e.g. ``targets=["tflite:int8"]``) says
     what to export; see :class:`~edgetl.export.config.ExportConfig`.
     """
-    from ..train.run import Run
 
     if config is not None and options:
         raise ConfigError(f"give an ExportConfig or its fields, not both (received {', '.join(options)})")
@@ -211,7 +211,7 @@ class _Export:
             where = self.staging if role in plan.files else self.work
             source = self.sources[role]
             if role == "classifier" and head is not self.head_layers:
-                source = ExportSource("classifier", _classifier_with_head(self.run, head), self.work,
+                source = ExportSource("classifier", self.run.classifier_with(head), self.work,
                                       self.x_cal[: self.config.calibration_images],
                                       {**self.metadata, "role": "classifier"})
             info = module.export(source, where / name, plan.precision, self.config)
@@ -301,7 +301,6 @@ def _write_self_test(staging: Path, entries: list, val_samples: list[Sample], sp
                      head_layers: Layers, extra_heads: dict[str, str], threads: int | None) -> dict:
     """references.npz (validation photos as the device will decode them, with the float model's
     outputs) and, per model file, what it scores on them here and the thresholds a device must meet."""
-    from ..head.arrays import load_head
 
     chosen = balanced_subset(val_samples, REFERENCE_PHOTOS)
     pixels, _, bad = preprocess.load_pixels_batch([s.path for s in chosen], spec.size)
@@ -398,19 +397,6 @@ def _teacher_probs(backbone, head_layers: Layers, paths: list[str], spec, chunk:
             raise ExportError(f"a training photo became unreadable during export: {bad[0][1]}")
         out.append(head_predict(np.asarray(backbone.predict(x, batch_size=32, verbose=0), np.float32), head_layers))
     return np.concatenate(out)
-
-
-def _classifier_with_head(run, layers: Layers):
-    """The run's classifier with other head weights (same architecture)."""
-    import keras
-
-    from ..train.head import build_classifier
-
-    head = keras.models.clone_model(run.head_model)
-    dense = [layer for layer in head.layers if isinstance(layer, keras.layers.Dense)]
-    for layer, (w, b) in zip(dense, layers):
-        layer.set_weights([w, b])
-    return build_classifier(run.backbone_model, head, int(run.preprocessing.size))
 
 
 def _gate(v: dict, max_drop: float) -> None:

@@ -18,6 +18,7 @@ assigned to them. The step is the same as :mod:`edgetl.head.fit` with
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from ..convert.source import ExportSource
 from ..errors import ConfigError, ExportError
 from ..fileio import atomic_write_bytes
 from ..head.arrays import Layers, pad_to_slots
+from ..head.tflite import TFLiteTrainableHead
 from .config import ExportConfig
 
 SIGNATURES = ("infer", "train", "save", "restore")
@@ -130,7 +132,6 @@ def custom_ops(flatbuffer: bytes) -> list[str]:
 
 
 def export(source: ExportSource, path: Path, precision: str, options: ExportConfig) -> dict:
-    import shutil
 
     import tensorflow as tf
 
@@ -158,7 +159,6 @@ def export(source: ExportSource, path: Path, precision: str, options: ExportConf
     if flex:
         raise ExportError(f"the trainable head contains custom/Flex ops {flex}; stock LiteRT cannot run it")
     atomic_write_bytes(path, flatbuffer)
-    from ..head.tflite import TFLiteTrainableHead
 
     head = TFLiteTrainableHead(path, threads=1)  # loads in stock LiteRT, no Flex delegate
     missing = sorted(set(SIGNATURES) - set(head.signatures))

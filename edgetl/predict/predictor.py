@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import preprocess
+from ..bundle import open_bundle
 from ..data import load_samples, read_labels, scan_folder
 from ..errors import ConfigError, DataError, ModelError
+from ..head.arrays import head_predict
 from ..metrics import classification_report, top_k
+from ..runtime import open_model
 
 log = logging.getLogger("edgetl")
 Progress = Callable[[str, int, int], None]
@@ -63,7 +66,6 @@ class SplitPredictor(Predictor):
     """Backbone file + NumPy head: what the device runs."""
 
     def __init__(self, runner, layers, labels, spec, source):
-        from ..head.arrays import head_predict
 
         self._head_predict = head_predict
         self.runner, self.layers, self.labels, self.preprocessing, self.source = runner, layers, labels, spec, source
@@ -97,7 +99,6 @@ def open_predictor(
     precision: str | None = None,
 ) -> Predictor:
     """Open a run folder, a bundle (folder or .zip), or a bare model file."""
-    from ..runtime import open_model
 
     p = Path(path)
     if not p.exists():
@@ -107,7 +108,6 @@ def open_predictor(
 
         return KerasPredictor(Run(p))
     if (p.is_dir() and (p / "manifest.json").is_file()) or p.suffix.lower() == ".zip":
-        from ..bundle import open_bundle
 
         b = open_bundle(p)
         entry = b.pick("classifier", backend=backend, precision=precision, required=False)

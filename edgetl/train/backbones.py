@@ -8,6 +8,7 @@ exported heads can never be mixed up between two different backbones.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +68,6 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        import difflib
 
         close = difflib.get_close_matches(name, list(BACKBONES), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from ..errors import ConfigError
+from .backbones import BACKBONES, resolve_backbone
 
 CLASS_WEIGHTS = ("balanced", "none")
 SOLVERS = ("auto", "lbfgs", "adam")
@@ -94,10 +96,19 @@ class TrainConfig:
             kw["hidden"] = tuple(kw["hidden"])
         return cls(**kw)
 
+    @classmethod
+    def from_options(cls, **options) -> TrainConfig:
+        """The config from ``edgetl train``'s parsed options: paths become strings, a missing
+        ``out_dir`` is ``runs/<data folder name>``, a missing ``alpha`` the backbone's default."""
+        values = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+        if not values.get("out_dir"):
+            values["out_dir"] = str(Path("runs") / Path(values["data_dir"]).resolve().name)
+        if values.get("alpha") is None and values.get("backbone", cls.backbone) in BACKBONES:
+            values["alpha"] = BACKBONES[values.get("backbone", cls.backbone)].default_alpha
+        return cls(**values)
+
     def check(self) -> None:
         """Refuse values training cannot use, before anything heavy is imported."""
-        from .backbones import resolve_backbone
-
         if self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1; received {self.epochs}")
         if self.batch_size < 1:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import io
 from pathlib import Path
 
 from ..fileio import atomic_write_bytes
+from ..preprocess import load_pixels
 
 
 def _figure():
@@ -72,7 +74,6 @@ def contact_sheet(items: list[dict], path: str | Path, thumb: int = 128, columns
     ``file`` and ``caption`` (``true -> predicted (score)``)."""
     from PIL import Image, ImageDraw
 
-    from ..preprocess import load_pixels
 
     cols = max(1, min(columns, len(items)))
     rows = max(1, -(-len(items) // cols))
@@ -95,7 +96,6 @@ def contact_sheet(items: list[dict], path: str | Path, thumb: int = 128, columns
 
 def write_eval_plots(report: dict, folder: str | Path, max_mistakes: int = 60) -> dict:
     """``eval --plots``: confusion matrix PNG, misclassified.csv, and a contact sheet of the mistakes."""
-    import csv
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

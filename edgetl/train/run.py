@@ -10,6 +10,7 @@ from ..data import Sample, scan_folder
 from ..errors import ConfigError, DataError, ModelError
 from ..head.arrays import Layers, load_head
 from ..preprocess import Preprocessing
+from .head import build_classifier
 
 RUN_FILES = ("run.json", "model.keras", "head.npz", "labels.txt")
 
@@ -71,6 +72,16 @@ class Run:
 
     def head(self) -> Layers:
         return load_head(self.dir / "head.npz")
+
+    def classifier_with(self, layers: Layers):
+        """The run's classifier with other head weights (same architecture)."""
+        import keras
+
+        head = keras.models.clone_model(self.head_model)
+        dense = [layer for layer in head.layers if isinstance(layer, keras.layers.Dense)]
+        for layer, (w, b) in zip(dense, layers):
+            layer.set_weights([w, b])
+        return build_classifier(self.backbone_model, head, int(self.preprocessing.size))
 
     def samples(self, which: str) -> list[Sample]:
         """The exact training or validation files of this run (which: 'train' or 'val')."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import logging
 import os
@@ -18,6 +19,7 @@ from ..data import ImageFolder, scan_folder, split_folder
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_write_json, atomic_write_text, commit_dir, make_staging_dir
 from ..head.arrays import head_predict, save_head
+from ..head.solver import balanced_class_weights, choose_l2, solve_softmax
 from ..metrics import classification_report
 from .backbones import Backbone, build_backbone, weights_digest
 from .config import TrainConfig
@@ -56,7 +58,6 @@ def gpu_names() -> list[str]:
 
 def class_weight_map(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
     """Keras' class_weight: the solvers' balanced weights (edgetl.head.solver), or None."""
-    from ..head.solver import balanced_class_weights
 
     if mode == "none":
         return None
@@ -109,7 +110,6 @@ def _unfreeze(backbone: Backbone, cfg: TrainConfig) -> int:
     if cfg.fine_tune_from:
         names = [layer.name for layer in layers]
         if cfg.fine_tune_from not in names:
-            import difflib
 
             close = difflib.get_close_matches(cfg.fine_tune_from, names, n=3)
             raise ConfigError(
@@ -157,7 +157,6 @@ def _solve_head(cfg: TrainConfig, tr: Features, va: Features, num_classes: int, 
     photos: the head the run keeps. Returns (final layers, the layers the validation figures
     come from or None, the head_training summary, the history row).
     """
-    from ..head.solver import choose_l2, solve_softmax
 
     balance = cfg.class_weights == "balanced"
     steps = 3

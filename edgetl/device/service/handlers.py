@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.responses import JSONResponse, Response
 
+from ... import __version__, package_versions
 from ...errors import DataError
 from ...labels import printable
 from ..features import Photo
@@ -82,7 +83,6 @@ async def _photos(uploads, limits: Limits) -> list[Photo | dict]:
 def _versions(runner_backend: str) -> dict:
     import numpy
 
-    from ... import __version__, package_versions
 
     return {"edgetl": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
             **package_versions(("ai-edge-litert", "onnxruntime", "scipy", "starlette", "uvicorn")),
