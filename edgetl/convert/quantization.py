@@ -59,9 +59,8 @@ class QuantizationConfig:
         """int8 where it holds, float where int8 measurably hurts; float I/O.
 
         - A classifier's head (dense layers + softmax) stays float: a full-integer classifier
-          rounds its softmax output to 1/256 steps and its head's weights to int8; on flowers that
-          cost 3 points of top-1 agreement with Keras (0.933 against 0.963 for the same int8
-          backbone with a float head). The head is a few thousand MACs.
+          rounds its softmax output to 1/256 steps and its head's weights to int8, which costs
+          agreement with Keras; the head is a few thousand MACs.
         - Every layer whose int8 output error exceeds ``float_error`` quantization steps stays
           float (see :data:`FLOAT_ERROR`).
         """

@@ -357,9 +357,8 @@ def _refit_head(train_features: tuple[np.ndarray, np.ndarray, list[str]], head_l
     Returns the head and what the re-fit measured.
 
     Post-training quantization moves the features; the head learns to map the moved features to
-    what the float model says. Distillation to convergence over-fits, though: on flowers the
-    held-out KL divergence to the float model rose with it (int8 ONNX 0.0181 -> 0.0200, mixed
-    int8 TFLite 0.0094 -> 0.0113 after 1,000 full-batch Adam steps). So every 5th training photo
+    what the float model says. Distillation to convergence over-fits, though (the held-out KL
+    divergence to the float model rises with it). So every 5th training photo
     is held out, the re-fit stops at the step with the lowest held-out KL (checked every
     ``REFIT_CHECK_EVERY`` steps; step 0, the float head, included), and the float head is kept
     when no step beats it. Only training photos are used; the validation photos stay for the gate.

@@ -1,7 +1,7 @@
 """ONNX export: fp32 with tf2onnx, int8 with ONNX Runtime static QDQ quantization.
 
-Labels and preprocessing go into the model's ``metadata_props``. (Measured on this CPU: ORT
-dynamic int8 ran 2-8x slower than fp32, so int8 here is static QDQ, calibrated like TFLite.)
+Labels and preprocessing go into the model's ``metadata_props``. int8 is static QDQ, calibrated
+like TFLite (ONNX Runtime's dynamic int8 runs slower than fp32 on a CPU).
 """
 
 from __future__ import annotations
@@ -25,14 +25,10 @@ log = logging.getLogger("edgetl")
 def int8_recipe() -> dict:
     """The int8 recipe: S8S8 (int8 activations and weights; weights per channel, QDQ, MinMax).
 
-    Measured on the flowers backbone (features' cosine to the float model, 8-16 test photos):
-    S8S8 0.975 on an AVX-512 VNNI CPU but 0.897 under ``qemu-x86_64 -cpu Haswell`` (AVX2 only:
-    ONNX Runtime's u8 x s8 kernel sums pairs in saturating 16-bit lanes there); U8U8 0.954 on
-    both, bit-identical, but 1.67 points below Keras on the validation photos, over the export's
-    1-point gate; reduce_range 0.86; 7-bit weights in the pointwise convolutions 0.92. No recipe
-    holds everywhere, so S8S8 stays, the manifest says where it does not hold (``cpu_notes``),
-    and the bundle's self-test refuses it on such a CPU at load time (the device then takes the
-    int8 TFLite backbone, bit-identical on every CPU measured).
+    It drifts on AVX2-only x86 (ONNX Runtime's int8 kernel sums pairs in saturating 16-bit lanes
+    there), and none of the other recipes tried holds everywhere within the export's gate
+    (figures: README, cross-CPU section); so the manifest says where it does not hold
+    (``cpu_notes``) and the bundle's self-test refuses it on such a CPU at load time.
     """
     from onnxruntime.quantization import QuantType
 

@@ -1,13 +1,13 @@
 """Head training on the device, in NumPy (float32).
 
 The head is a stack of dense layers (softmax regression, or one or more ReLU hidden layers
-then softmax; see :mod:`edgetl.head_arrays`). One step on a batch minimises
+then softmax; see :mod:`edgetl.head.arrays`). One step on a batch minimises
 
     loss = sum_i w_i * CE(softmax(f(x_i)), y_i) / sum_i w_i  +  l2/2 * sum ||W||^2
 
 where ``w_i`` are class-balancing weights (``N / (C * n_c)``, or 1). SGD (with optional
 momentum) or Adam. Deterministic for a given seed. The phone's trainable TFLite head
-(``edgetl.export.trainable``) implements the same step, so both can be checked against
+(:mod:`edgetl.head.tflite`) implements the same step, so both can be checked against
 each other.
 """
 
@@ -31,14 +31,12 @@ class HeadTrainConfig:
     """Hyper-parameters of on-device head training.
 
     The default (``optimizer='auto'``, a head without hidden layers) solves the regularised
-    softmax problem to convergence with L-BFGS (:func:`edgetl.head_solver.solve_softmax`;
+    softmax problem to convergence with L-BFGS (:func:`edgetl.head.solver.solve_softmax`;
     ``epochs`` caps its iterations), in the subspace of the bundle's replay features' leading
     ``subspace_dim`` principal directions plus the device's own samples' directions (see
-    :class:`edgetl.head_solver.Subspace`; 0 solves in the full feature space). A head with hidden
+    :class:`edgetl.head.solver.Subspace`; 0 solves in the full feature space). A head with hidden
     layers, or ``optimizer='adam'|'sgd'``, descends for ``epochs`` steps of ``batch_size``.
-    L2 0.3 was chosen with the former Adam recipe on a tuning split
-    (``benchmarks/personalization_variants.py``), together with a large replay set (the
-    exporter ships up to 256 training photos per class).
+    The L2 was chosen on a tuning split (``benchmarks/personalization_variants.py``).
     """
 
     epochs: int = 300
@@ -54,7 +52,7 @@ class HeadTrainConfig:
     # With classes learned on the device: the most accuracy the bundle's classes may lose on
     # held-back replay photos (against a head of the bundle's classes alone). The new classes get
     # the largest bias within it; a training that loses more even without a bias is not
-    # activated. None turns both off. See Learner.train and benchmarks/few_shot.py.
+    # activated. None turns both off.
     old_class_budget: float | None = 0.02
 
     def check(self) -> None:
@@ -216,8 +214,7 @@ def add_classes(layers: Layers, x: np.ndarray, y: np.ndarray, new_ids: list[int]
 
     The unit's weights have ``scale`` times the median norm of the existing units, and its bias
     gives it the median of their logits at the overall mean: a start between "never" and "always"
-    that a solver leaves in a few steps (measured against a prototype at the full norm: 123 L-BFGS
-    evaluations -> 49 for two new classes on the flowers bundle's replay).
+    that a solver leaves in a few steps (a prototype at the full norm starts far from the minimum).
     """
     if not new_ids:
         return layers

@@ -2,7 +2,7 @@
 TensorFlow). The workstation (``edgetl train``) and the device (``device train``'s default) both
 import it from here, so both sides fit a head the same way.
 
-The problem is the one :func:`edgetl.device.headtrain.train_head` descends on: (class-weighted)
+The problem is the one :func:`edgetl.head.fit.train_head` descends on: (class-weighted)
 mean cross-entropy + l2/2 * |W|^2, the bias not penalised, for a head without hidden layers,
 solved to convergence (a convex problem: its minimum does not depend on the start, the seed or
 the sample order).
@@ -53,10 +53,7 @@ _BLAS = None
 def one_blas_thread():
     """A context in which BLAS runs on one thread. NumPy and SciPy each bring their own OpenBLAS;
     between the solver's many small products their idle threads spin and take the cores from each
-    other: measured on a 2-core x86, a device retrain (3 fits, 1,220 x 148) took 447 ms with both
-    pools at 2 threads and 67 ms with one thread each (threadpoolctl finds and limits both). A
-    device retrain runs in it from start to end: SciPy's QR of 100 stored photos' directions
-    took 70 ms beside NumPy's pool and 0.8 ms in it."""
+    other, so a device retrain runs in it from start to end (threadpoolctl finds and limits both)."""
     global _BLAS
     from threadpoolctl import ThreadpoolController
 
@@ -80,8 +77,7 @@ def solve_softmax(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, bal
     if len(x) == 0:
         raise ConfigError("no training samples")
     # Centred features: the same minimum (the bias, not penalised, absorbs the mean: b = b' - mean @ W)
-    # on a far better conditioned problem. Measured on flowers' 1,200 training features (1280-d,
-    # non-negative, far from zero mean): 222 L-BFGS iterations -> 37, to the same loss.
+    # on a far better conditioned problem (pooled features are non-negative, far from zero mean).
     x = np.asarray(x)
     mean = x.mean(axis=0, dtype=np.float64)
     x = np.asarray(x, dtype) - mean.astype(dtype)
@@ -93,7 +89,7 @@ def solve_softmax(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, bal
     target = y * n + np.arange(n)  # each sample's own logit, in the flattened (classes, samples) array
     xt = np.ascontiguousarray(x.T)
     # The products run on a class count padded to a multiple of 8 (zero rows): BLAS kernels work
-    # in blocks of 8 or 16, and 7 classes then cost more than 8 (on a 2-core x86: 84 -> 65 us).
+    # in blocks of 8 or 16, and an odd class count costs more than the next multiple.
     rows = -(-c // 8) * 8
     w_pad = np.zeros((rows, d), dtype)
     p_pad = np.zeros((rows, n), dtype)
@@ -178,22 +174,15 @@ def choose_l2(x: np.ndarray, y: np.ndarray, num_classes: int, grid: tuple[float,
     return chosen["l2"], rows
 
 
-# Principal directions of the bundle's replay features a device retrain solves in. 160 and 192
-# gave the same accuracy (6 scenarios on the flowers bundle: ants + bees, each flower class held
-# out and learned back; 1, 5 and 10 photos per class, 3 draws: new classes 0.394 / 0.638 / 0.735
-# with 160 against 0.378 / 0.636 / 0.713 with 192, old classes within 0.4 points), for 15% fewer
-# products per solver step; 128 lost new-class accuracy (0.394 / 0.552 / 0.696; roses from 10
-# photos 0.45 against 0.60). `python benchmarks/few_shot.py --bundle B --seeds 3 --learner-only
-# --subspace-dim N` measures it.
+# Principal directions of the bundle's replay features a device retrain solves in: as accurate
+# as 192 on the few-shot scenarios, with fewer products per step; 128 lost new-class accuracy
+# (benchmarks/few_shot.py --learner-only --subspace-dim N; figures in README and benchmarks/results).
 SUBSPACE_DIM = 160
 SHIPPED_DIRECTIONS = 192  # the exporter ships this many (a retrain may ask for up to this many without recomputing)
 # At most this many more: the leading directions in which the device's own samples leave that
-# subspace (all of them up to this count; beyond it a randomised range finder keeps the leading
-# ones). It bounds a retrain's cost as the store grows: with 100 stored photos per new class, 64
-# directions instead of 256 took a flowers-bundle retrain from 360 to 224 dimensions, and new
-# and old classes scored the same (the 6 scenarios above with 50 / 100 photos per class, 3
-# draws, refused heads activated: new 0.876 / 0.894 against 0.874 / 0.892 with 256, old 0.900 /
-# 0.896 against 0.900 / 0.897; `... --learner-only --ks 50,100 --residual-directions N --force`).
+# subspace (beyond this count a randomised range finder keeps the leading ones). It bounds a
+# retrain's cost as the store grows, at no cost in accuracy against 256 (few_shot.py
+# --learner-only --ks 50,100 --residual-directions N --force).
 RESIDUAL_DIRECTIONS = 64
 
 

@@ -1,7 +1,7 @@
 """The frozen backbone through LiteRT (XNNPACK) for feature extraction on a CPU.
 
-Keras runs the pooled MobileNetV2 at ~110 images/s on a 2-core x86 (AVX-512); the same float32
-graph converted to TFLite runs ~2x faster in LiteRT (see benchmarks/train_speed.py). The file is
+The same float32 graph converted to TFLite runs faster in LiteRT than in Keras on a CPU
+(benchmarks/train_speed.py). The file is
 converted once per backbone identity (architecture, size, weights hash: ``Backbone.key()``) and
 kept beside the Keras weights, in ``$KERAS_HOME/edgetl/backbones/<key>.tflite``. Every run that
 computes features checks it against the Keras model on photos of its first batch before using
@@ -44,8 +44,7 @@ class LiteRTBackbone:
         self.output_shape = (None, feature_dim)
 
     def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
-        # One photo per call: XNNPACK's threads are used best at batch 1 (measured on a 2-core x86,
-        # MobileNetV2 fp32, 2 threads: 3.1 ms per photo at batch 1, 3.9 at batch 32).
+        # One photo per call: XNNPACK's threads are used best at batch 1.
         x = np.asarray(x, np.float32)
         return np.concatenate([self.runner.run(x[i : i + 1]) for i in range(len(x))]) if len(x) else x
 

@@ -31,11 +31,6 @@ def check_run_target(target: Path, force: bool) -> None:
                           "(its feature cache is reused) or choose another --out")
 
 
-def is_run_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / "run.json").is_file()
-
-
 class Run:
     def __init__(self, path: str | Path):
         self.dir = Path(path)
