@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -308,6 +309,49 @@ def export_cmd(ctx, out, force, as_json):
                f"{len(r['labels'])} classes, {r['replay_samples']} replay samples)")
     if r["left_out"]:
         click.echo(f"left out (their heads are not this device's): {', '.join(r['left_out'])}")
+
+
+@device_command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write the app to.")
+@click.option("--force", is_flag=True, help="Replace an existing folder at --out.")
+def web(ctx, out, force, as_json):
+    """Write the phone app for the bundle: a static folder any web server serves.
+
+    The page runs the bundle's TFLite backbone with LiteRT.js, checks it against the
+    bundle's references, and learns new classes in the browser, offline once loaded
+    ('edgetl device serve' serves the same app at /phone/).
+    """
+    from ..device.phone import build_app
+
+    if ctx.obj["bundle"] is None:
+        raise click.UsageError("Missing option '--bundle' (or EDGETL_BUNDLE): the bundle to make the app for", ctx=ctx)
+    r = build_app(ctx.obj["bundle"], out, force=force)
+    if as_json:
+        emit_json(r)
+        return
+    click.echo(f"phone app: {r['app']} ({r['backbone_file']}, {r['files']} files, {r['bytes'] / 1e6:.1f} MB); serve the "
+               "folder over HTTPS (or from localhost) and open it on the phone")
+
+
+@device_command("import")
+@click.argument("state", type=click.File("rb"))
+def import_cmd(ctx, state, as_json):
+    """Add the samples of a phone's exported state (a JSON file from the page) to the store.
+
+    Features only: they must come from the same backbone file as this store's.
+    """
+    from ..device.phone.sync import import_state
+
+    try:
+        doc = json.load(state)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"not a JSON document ({exc})", param_hint="STATE") from None
+    learner = _learner(ctx)
+    try:
+        r = import_state(learner, doc)
+    finally:
+        learner.close()
+    emit(r, as_json, f"stored {r['stored']} samples ({r['duplicates']} already there) of {', '.join(r['labels'])}")
 
 
 @device_command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import tempfile
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -15,13 +16,14 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ...errors import EdgetlError, StoreError
 from ...head.fit import HeadTrainConfig
 from ...labels import printable
+from ..phone import build_app
 from . import handlers as h
 from .state import HOLDOUT_EVERY, HTTPProblem, Limits, Service
 
@@ -63,6 +65,29 @@ async def index(request):
     return FileResponse(web_root() / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+# The phone app: cross-origin isolated (LiteRT.js may then run threads), revalidated on every
+# load (its service worker serves it offline).
+PHONE_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp",
+                 "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+PHONE_TYPES = {".wasm": "application/wasm", ".js": "text/javascript", ".webmanifest": "application/manifest+json",
+               ".json": "application/json", ".svg": "image/svg+xml"}
+
+
+async def phone(request):
+    svc = request.app.state.service
+    root = svc.phone_dir
+    if root is None:
+        raise HTTPProblem(404, f"this service has no phone app: {svc.phone_error}")
+    rel = request.path_params.get("path", "")
+    if request.url.path == "/phone":
+        return RedirectResponse("/phone/")
+    path = (root / (rel or "index.html")).resolve()
+    if not path.is_relative_to(root.resolve()) or not path.is_file():
+        raise HTTPProblem(404, f"no such file in the phone app: {printable(rel)}")
+    media = PHONE_TYPES.get(path.suffix)
+    return FileResponse(path, media_type=media, headers=PHONE_HEADERS)
+
+
 async def _problem(request, exc: HTTPProblem):
     return _error(exc.status, exc.message, exc.headers)
 
@@ -99,7 +124,15 @@ ROUTES = [
     Route("/api/history", h.history),
     Route("/api/rollback", h.rollback, methods=["POST"]),
     Route("/api/metrics", h.metrics),
+    Route("/api/sync", h.sync_get, methods=["GET"]),
+    Route("/api/sync", h.sync_post, methods=["POST"]),
+    Route("/phone", phone),
+    Route("/phone/{path:path}", phone),
 ]
+
+
+def _phone_app(learner, out: Path) -> str:
+    return build_app(learner.bundle, out)["app"]
 
 
 def create_app(open_learner, token: str | None = None, limits: Limits | None = None,
@@ -113,12 +146,18 @@ def create_app(open_learner, token: str | None = None, limits: Limits | None = N
     @asynccontextmanager
     async def lifespan(app):
         await svc.start()
-        try:
-            yield
-        finally:
-            await svc.stop()
-            if on_stop is not None:
-                on_stop()
+        with tempfile.TemporaryDirectory(prefix="edgetl-phone-") as tmp:
+            try:
+                svc.phone_dir = Path(await svc.call(_phone_app, svc.learner, Path(tmp) / "app"))
+            except EdgetlError as exc:
+                svc.phone_error = str(exc)
+                log.warning("no phone app at /phone/: %s", exc)
+            try:
+                yield
+            finally:
+                await svc.stop()
+                if on_stop is not None:
+                    on_stop()
 
     app = Starlette(routes=[*ROUTES, Mount("/static", StaticFiles(directory=web_root()), name="static")],
                     lifespan=lifespan, middleware=[Middleware(_TokenGate, token=token)],

@@ -20,7 +20,10 @@ from ...errors import DataError
 from ...labels import printable
 from ..features import Photo
 from ..learner import MODES
+from ..phone.sync import import_state, state_for_page
 from .state import HTTPProblem, Limits, Service
+
+MAX_SYNC_BYTES = 64 * 1024 * 1024  # a page's features: about 7 KB a photo
 
 
 def _svc(request) -> Service:
@@ -280,6 +283,20 @@ async def rollback(request):
     if version not in versions:
         raise HTTPProblem(404, f"no head version {version}; versions: {versions}")
     return JSONResponse(await svc.call(svc.learner.rollback, version))
+
+
+async def sync_get(request):
+    svc = _svc(request)
+    return JSONResponse(await svc.call(state_for_page, svc.learner))
+
+
+async def sync_post(request):
+    svc = _svc(request)
+    length = _int(request.headers.get("content-length", "0"), "Content-Length")
+    if length > MAX_SYNC_BYTES:
+        raise HTTPProblem(413, f"the state is {length} bytes; at most {MAX_SYNC_BYTES} per request")
+    body = await _json_body(request)
+    return JSONResponse(await svc.call(import_state, svc.learner, body))
 
 
 async def metrics(request):

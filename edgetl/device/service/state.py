@@ -90,6 +90,8 @@ class Service:
         self.holdout_every = holdout_every
         self.grace_s = grace_s
         self.learner = None
+        self.phone_dir = None  # the phone app built for the learner's bundle (see app.create_app)
+        self.phone_error = "not built yet"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetl-learner")
         self.jobs: dict[str, Job] = {}
         self._job_lock = threading.Lock()
