@@ -23,7 +23,7 @@ from ...bundle import Bundle, open_bundle
 from ...bundle.selftest import References
 from ...errors import BundleError, ConfigError, MissingDependencyError
 from ...fileio import atomic_write_bytes, atomic_write_json, commit_dir, make_staging_dir, sha256_file
-from ...head.solver import SHIPPED_DIRECTIONS, Subspace
+from ...head.solver import SHIPPED_DIRECTIONS
 
 VENDOR_FILES = ("litert.js", "wasm-utils.js", "wasm/litert_wasm_internal.js", "wasm/litert_wasm_internal.wasm",
                 "wasm/litert_wasm_threaded_internal.js", "wasm/litert_wasm_threaded_internal.wasm")
@@ -100,9 +100,12 @@ def write_model(bundle: Bundle, entry: dict, folder: Path) -> dict:
         feats, labels = replay
         _write(folder, "replay.f16", np.asarray(feats, "<f2").tobytes(), files, shape=list(feats.shape))
         _write(folder, "replay_labels.u16", np.asarray(labels, "<u2").tobytes(), files)
-        sub, _ = bundle.replay_subspace(entry, SHIPPED_DIRECTIONS) or (Subspace.principal(feats), None)
+        sub, coords = bundle.replay_subspace(entry, SHIPPED_DIRECTIONS)
         _write(folder, "basis.f32", np.asarray(sub.basis, "<f4").tobytes(), files, shape=list(sub.basis.shape))
         _write(folder, "basis_mean.f32", np.asarray(sub.mean, "<f4").tobytes(), files)
+        # The replay's coordinates along those directions, as the Python learner computes them: the
+        # page's retrain reads them instead of projecting 1,000+ features on every load.
+        _write(folder, "replay_coords.f32", np.asarray(coords, "<f4").tobytes(), files, shape=list(coords.shape))
     self_test = None
     if bundle.manifest.get("self_test") and entry.get("self_test"):
         refs = References(bundle.root / bundle.manifest["self_test"]["file"])

@@ -132,6 +132,7 @@ class Device {
       this.replayY = new Uint16Array(await this._fetch("model/replay_labels.u16"));
       this.basis = new Float32Array(await this._fetch("model/basis.f32"));
       this.basisMean = new Float32Array(await this._fetch("model/basis_mean.f32"));
+      this.replayCoordsAll = new Float32Array(await this._fetch("model/replay_coords.f32"));
     } else {
       this.replayX = new Float32Array(0); this.replayY = new Uint16Array(0);
     }
@@ -165,8 +166,13 @@ class Device {
       labels: this.meta.labels, featureDim: d, replayX: this.replayX, replayY: this.replayY, digest: this.meta.bundle_sha256,
       centre: this.centre(),
       subspace(dim) { return new L.Subspace(self.basisMean, self.basis.subarray(0, Math.min(dim, self.basis.length / d) * d), d); },
-      replayCoords(dim) {
-        if (!self._coords.has(dim)) self._coords.set(dim, this.subspace(dim).project(self.replayX, self.replayY.length));
+      replayCoords(dim) { // the shipped coordinates' first `dim` columns
+        if (!self._coords.has(dim)) {
+          const n = self.replayY.length, all = self.replayCoordsAll, k = all.length / Math.max(n, 1), kd = Math.min(dim, k);
+          const out = new Float32Array(n * kd);
+          for (let i = 0; i < n; i++) out.set(all.subarray(i * k, i * k + kd), i * kd);
+          self._coords.set(dim, out);
+        }
         return self._coords.get(dim);
       },
     };

@@ -207,28 +207,33 @@ export function solveSoftmax(x, n, d, y, c, l2, { balance = true, init = null, g
   let swSum = 0;
   for (const v of sw) swSum += v;
   const swn = sw.map((v) => v / swSum);
-  const z = new Float64Array(c);
-  const fg = (theta) => { // theta: W (d x c, row-major) then b (c)
+  const z = new Float64Array(c), gw = new Float64Array(c * d);
+  // Internally theta holds W class-major (c x d, each class's weights contiguous) then b: the
+  // products run over long contiguous rows; the head goes out row-major (d x c) like Python's.
+  const fg = (theta) => {
     const grad = new Float64Array(theta.length);
+    gw.fill(0);
     let loss = 0;
     for (let i = 0; i < n; i++) {
       const xo = i * d;
-      for (let j = 0; j < c; j++) z[j] = theta[d * c + j];
-      for (let k = 0; k < d; k++) {
-        const v = xc[xo + k], wo = k * c;
-        for (let j = 0; j < c; j++) z[j] += v * theta[wo + j];
-      }
       let m = -Infinity;
-      for (let j = 0; j < c; j++) m = Math.max(m, z[j]);
-      let s = 0;
-      for (let j = 0; j < c; j++) { z[j] = Math.exp(z[j] - m); s += z[j]; }
-      loss += swn[i] * (Math.log(s) + m - (Math.log(z[y[i]]) + m));
-      for (let j = 0; j < c; j++) z[j] = swn[i] * (z[j] / s - (j === y[i] ? 1 : 0));
-      for (let k = 0; k < d; k++) {
-        const v = xc[xo + k], wo = k * c;
-        for (let j = 0; j < c; j++) grad[wo + j] += v * z[j];
+      for (let j = 0; j < c; j++) {
+        let s = theta[c * d + j];
+        const wo = j * d;
+        for (let k = 0; k < d; k++) s += xc[xo + k] * theta[wo + k];
+        z[j] = s;
+        if (s > m) m = s;
       }
-      for (let j = 0; j < c; j++) grad[d * c + j] += z[j];
+      let s = 0;
+      const zy = z[y[i]];
+      for (let j = 0; j < c; j++) { z[j] = Math.exp(z[j] - m); s += z[j]; }
+      loss += swn[i] * (Math.log(s) + m - zy);
+      for (let j = 0; j < c; j++) {
+        const r = swn[i] * (z[j] / s - (j === y[i] ? 1 : 0));
+        grad[c * d + j] += r;
+        const go = j * d;
+        for (let k = 0; k < d; k++) grad[go + k] += r * xc[xo + k];
+      }
     }
     let ww = 0;
     for (let t = 0; t < d * c; t++) { ww += theta[t] * theta[t]; grad[t] += l2 * theta[t]; }
@@ -236,7 +241,7 @@ export function solveSoftmax(x, n, d, y, c, l2, { balance = true, init = null, g
   };
   const theta0 = new Float64Array(d * c + c);
   if (init) {
-    theta0.set(init.W);
+    for (let k = 0; k < d; k++) for (let j = 0; j < c; j++) theta0[j * d + k] = init.W[k * c + j];
     for (let j = 0; j < c; j++) {
       let s = init.b[j];
       for (let k = 0; k < d; k++) s += mean[k] * init.W[k * c + j];
@@ -244,11 +249,12 @@ export function solveSoftmax(x, n, d, y, c, l2, { balance = true, init = null, g
     }
   }
   const r = lbfgs(fg, theta0, { gtol, maxIter, memory });
-  const W = Float32Array.from(r.x.subarray(0, d * c));
+  const W = new Float32Array(d * c);
+  for (let k = 0; k < d; k++) for (let j = 0; j < c; j++) W[k * c + j] = r.x[j * d + k];
   const b = new Float64Array(c);
   for (let j = 0; j < c; j++) {
     let s = r.x[d * c + j];
-    for (let k = 0; k < d; k++) s -= mean[k] * r.x[k * c + j];
+    for (let k = 0; k < d; k++) s -= mean[k] * r.x[j * d + k];
     b[j] = s;
   }
   const bm = b.reduce((a, v) => a + v, 0) / c;
