@@ -77,6 +77,8 @@ def browser(profile: Path):
         opts.add_argument(arg)
     d = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
     d.set_script_timeout(1800)
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 1,
+                                                             "mobile": True})
     return d
 
 
@@ -111,6 +113,7 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--photos", type=int, default=20, help="flowers/test photos per class for the label check")
     p.add_argument("--shots", type=int, default=10, help="ants and bees photos taught")
+    p.add_argument("--screenshot", type=Path, default=None, help="save the page (390x844) after teaching, as PNG")
     a = p.parse_args()
 
     from edgetl import preprocess
@@ -183,6 +186,12 @@ def main() -> None:
             train2 = js(d, "edgetl.train()")
             page_val = page_labels(d, [rel(f) for _, f in val], "auto")
             page_after = page_labels(d, [rel(f) for _, f in flowers], "auto")
+            if a.screenshot:
+                d.refresh()
+                js(d, "edgetl.ready")
+                d.find_element("id", "predict-file").send_keys(str(val[-1][1]))
+                time.sleep(2)
+                d.save_screenshot(str(a.screenshot))
         finally:
             d.quit()
             srv.shutdown()

@@ -22,6 +22,11 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# The decoders a photo may reach, decided from its bytes.
+PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")  # (JPEG's opener also reads MPO)
+ACCEPTED = "a JPEG, PNG, BMP, GIF or WebP image"
+_OTHER_KINDS = ((b"%!PS", "PostScript"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"), (b"<svg", "SVG"),
+                (b"<?xml", "XML"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 # A truncated file must be an error, never a silently grey-padded picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -141,7 +146,9 @@ def decode_image(data: bytes, name: str = "<bytes>", size: int | None = None) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            # Only the documented formats' decoders see the bytes (never EPS/PostScript, which
+            # Pillow hands to Ghostscript, nor any other plugin), whatever the file is called.
+            img = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
             if size is not None and img.format == "JPEG":
                 img.draft(None, (size, size))
             w, h = img.size
@@ -154,10 +161,10 @@ def decode_image(data: bytes, name: str = "<bytes>", size: int | None = None) ->
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except UnidentifiedImageError:
-        head = data[:8]
+        what = next((kind for magic, kind in _OTHER_KINDS if data.startswith(magic)), None)
         raise DataError(
-            f"{name}: not a recognised image (first bytes {head!r}); "
-            f"expected one of {', '.join(IMAGE_EXTENSIONS)}"
+            f"{name}: " + (f"a {what} file, not a photo" if what else f"not a recognised image (first bytes {data[:8]!r})")
+            + f"; expected {ACCEPTED}"
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{name}: image too large to decode safely ({exc})") from None

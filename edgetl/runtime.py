@@ -252,7 +252,10 @@ class OnnxRunner(ModelRunner):
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+            # From the file's bytes (the ones a bundle hashed): a model that points at external data
+            # files beside it cannot load them, so nothing unlisted is ever read.
+            model = self.path.read_bytes()
+            self.session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types
             raise ModelError(f"ONNX Runtime cannot load {str(self.path)!r}: {str(exc)[:300]}") from None
         ins, outs = self.session.get_inputs(), self.session.get_outputs()

@@ -97,6 +97,8 @@ def chromium(tmp_path):
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=found[1]))
     driver.set_script_timeout(120)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": PHONE[0], "height": PHONE[1],
+                                                                  "deviceScaleFactor": 1, "mobile": True})
     try:
         yield driver
     finally:

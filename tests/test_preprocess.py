@@ -103,7 +103,7 @@ def test_load_batch_keeps_good_files_and_reports_bad(tmp_path):
     assert x.shape == (1, 4, 4, 3) and np.allclose(x, 1.0)
     assert len(digests) == 1 and len(digests[0]) == 64
     assert skipped == [(str(bad), f"{bad}: not a recognised image (first bytes b'not an i'); "
-                                  "expected one of .jpg, .jpeg, .png, .bmp, .gif, .webp")]
+                                  "expected a JPEG, PNG, BMP, GIF or WebP image")]
 
 
 def test_preprocessing_round_trips_through_dict():

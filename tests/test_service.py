@@ -36,7 +36,8 @@ def _files(paths, field="files"):
 
 
 def _app(bundle, store, **kw):
-    return create_app(lambda: Learner.open(bundle, store=store, threads=1), **kw)
+    # Starlette's test client sends "Host: testserver"
+    return create_app(lambda: Learner.open(bundle, store=store, threads=1), allowed_hosts=("testserver",), **kw)
 
 
 def _wait(client, job_id, timeout=120.0):
@@ -179,7 +180,8 @@ def test_bad_requests_get_clear_json_errors(device_bundle, tmp_path):
         err(c.post("/api/predict", params={"mode": "knn"}, files=_files(ANTS[:1], "file")), 400, "mode")
         err(c.post("/api/rollback", json={"version": 99}), 404, "no head version 99")
         err(c.post("/api/rollback", json={"version": "1"}), 400, "whole number")
-        err(c.post("/api/rollback", content=b"nope"), 400, "JSON")
+        err(c.post("/api/rollback", content=b"nope", headers={"Content-Type": "application/json"}), 400, "JSON")
+        err(c.post("/api/rollback", content=b"nope"), 415, "application/json")
         err(c.get("/api/jobs/nope"), 404, "no job")
         err(c.get("/api/samples/abc/thumb"), 400, "whole number")
         err(c.get("/api/nothing"), 404, "no such page")

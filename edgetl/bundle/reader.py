@@ -300,6 +300,11 @@ def verify_files(root: Path, manifest: dict, source: Path) -> None:
         if entry.get("role") not in ROLES:
             _fail(source, f"{name}: unknown role {entry.get('role')!r}; expected one of {', '.join(ROLES)}")
         p = root / name
+        # Refused before a byte of it is read: a link (or a name) that leads out of the bundle.
+        if any((root / Path(*Path(name).parts[: i + 1])).is_symlink() for i in range(len(Path(name).parts))):
+            _fail(source, f"{name} is a symbolic link; a bundle's files must be plain files inside it")
+        if not p.resolve().is_relative_to(root.resolve()):
+            _fail(source, f"{name} resolves to a path outside the bundle")
         if not p.is_file():
             _fail(source, f"{name} is listed in the manifest but missing")
         size = p.stat().st_size

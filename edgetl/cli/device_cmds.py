@@ -433,7 +433,10 @@ def _token_for(store: Path, host: str, given: str | None) -> tuple[str | None, s
               show_default=True, help="Largest photo accepted per upload.")
 @click.option("--max-files", type=click.IntRange(min=1), default=_LIMITS.max_files, show_default=True,
               help="Most photos accepted per upload request.")
-def serve(ctx, host, port, token, certfile, keyfile, max_file_mb, max_files):
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A name this device is reached by (Host header), besides its addresses, localhost and its "
+                   "hostname: requests naming any other host are refused (DNS rebinding). Repeatable.")
+def serve(ctx, host, port, token, certfile, keyfile, max_file_mb, max_files, allowed_hosts):
     """Serve the HTTP API and the web page that teaches this device from a phone.
 
     \b
@@ -469,7 +472,7 @@ def serve(ctx, host, port, token, certfile, keyfile, max_file_mb, max_files):
                             threads=o["threads"], trainer=o["trainer"])
 
     limits = Limits(max_file_bytes=int(max_file_mb * 1024 * 1024), max_files=max_files)
-    app = create_app(open_learner, token=token, limits=limits,
+    app = create_app(open_learner, token=token, limits=limits, bind=host, allowed_hosts=tuple(allowed_hosts),
                      on_stop=lambda: click.echo("edgetl: stopped; the sample store is closed"))
     scheme = "https" if certfile else "http"
     shown = _lan_address() if host in ("0.0.0.0", "::") else host

@@ -25,6 +25,7 @@ from ...head.fit import HeadTrainConfig
 from ...labels import printable
 from ..phone import build_app
 from . import handlers as h
+from .guard import HostPolicy, RequestGuard
 from .state import HOLDOUT_EVERY, HTTPProblem, Limits, Service
 
 log = logging.getLogger("edgetl")
@@ -137,9 +138,11 @@ def _phone_app(learner, out: Path) -> str:
 
 def create_app(open_learner, token: str | None = None, limits: Limits | None = None,
                train_config: HeadTrainConfig | None = None, holdout_every: int | None = HOLDOUT_EVERY,
-               grace_s: float = 5.0, on_stop=None) -> Starlette:
+               grace_s: float = 5.0, on_stop=None, bind: str = "127.0.0.1",
+               allowed_hosts: tuple[str, ...] = ()) -> Starlette:
     """The ASGI app. ``open_learner()`` runs on the learner's thread at start-up; ``on_stop()``
-    after the shutdown has closed the store."""
+    after the shutdown has closed the store. ``bind``: the address the server listens on;
+    ``allowed_hosts``: more names it answers to (see :mod:`.guard`)."""
     svc = Service(open_learner, token=token, limits=limits, train_config=train_config,
                   holdout_every=holdout_every, grace_s=grace_s)
 
@@ -160,7 +163,8 @@ def create_app(open_learner, token: str | None = None, limits: Limits | None = N
                     on_stop()
 
     app = Starlette(routes=[*ROUTES, Mount("/static", StaticFiles(directory=web_root()), name="static")],
-                    lifespan=lifespan, middleware=[Middleware(_TokenGate, token=token)],
+                    lifespan=lifespan, middleware=[Middleware(RequestGuard, policy=HostPolicy(bind, allowed_hosts)),
+                                                    Middleware(_TokenGate, token=token)],
                     exception_handlers={HTTPProblem: _problem, EdgetlError: _edgetl_error,
                                         HTTPException: _http_error, Exception: _crash})
     app.state.service = svc

@@ -34,7 +34,9 @@ async function refresh() {
     const li = document.createElement("li");
     const name = document.createElement("span"); name.textContent = l;
     const n = document.createElement("span"); n.className = "muted";
-    n.textContent = `${counts[l] ?? 0} here${info.labels.includes(l) ? "" : " · not in the head yet"}`;
+    const bundled = edgetl.meta.labels.includes(l), here = counts[l] ?? 0;
+    n.textContent = [bundled ? "from the bundle" : null, here ? `${here} here` : null,
+      info.labels.includes(l) ? null : "not in the head yet"].filter(Boolean).join(" · ");
     li.append(name, n);
     return li;
   }));

@@ -1,0 +1,141 @@
+"""What other web pages and hostile files get from the device: nothing. The service's Host,
+Origin and content-type rules (in-process and in a real headless Chromium: a page of another
+origin, and a rebinding-style Host), photos that are not photos, and bundles whose entries
+lead out of the bundle."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import threading
+
+import pytest
+from starlette.testclient import TestClient
+
+from edgetl.bundle import MANIFEST, open_bundle
+from edgetl.device.service.guard import HostPolicy, split_host
+from edgetl.errors import BundleError, DataError
+from edgetl.preprocess import decode_image
+
+from .helpers import HYMENOPTERA
+from .test_service import _app, _free_port, _get, _serve, _until_up
+
+ANTS = sorted((HYMENOPTERA / "train" / "ants").glob("*.jpg"))
+
+
+@pytest.mark.device
+def test_the_host_policy():
+    assert split_host("[::1]:8080") == ("::1", "8080") and split_host("Pi.local:80") == ("pi.local", "80")
+    local = HostPolicy("127.0.0.1")
+    assert local.allows("127.0.0.1") and local.allows("localhost") and not local.allows("attacker.example")
+    assert not local.allows("192.168.1.20")
+    lan = HostPolicy("0.0.0.0", ("mypi.example",))
+    assert lan.allows("192.168.1.20") and lan.allows("mypi.example") and not lan.allows("attacker.example")
+
+
+@pytest.mark.device
+def test_other_pages_and_rebinding_hosts_change_nothing(device_bundle, tmp_path):
+    with TestClient(_app(device_bundle, tmp_path / "s.sqlite")) as c:
+        before = c.get("/api/history").json()
+        r = c.get("/api/info", headers={"Host": "attacker.example"})
+        assert r.status_code == 421 and "attacker.example" in r.json()["error"] and "--allowed-host" in r.json()["error"]
+        files = [("files", (ANTS[0].name, ANTS[0].read_bytes(), "image/jpeg"))]
+        r = c.post("/api/samples", data={"label": "ants"}, files=files, headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403 and "evil.example" in r.json()["error"]
+        r = c.post("/api/rollback", content=b'{"version": 1}', headers={"Content-Type": "text/plain"})
+        assert r.status_code == 415 and "application/json" in r.json()["error"]
+        r = c.post("/api/rollback", json={"version": 1}, headers={"Sec-Fetch-Site": "cross-site"})
+        assert r.status_code == 403
+        r = c.delete("/api/labels/daisy", headers={"Origin": "null"})
+        assert r.status_code == 403
+        r = c.post("/api/sync", content=b"{}", headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 415
+        assert c.get("/api/history").json() == before and c.get("/api/info").json()["samples"] == {}
+        # The page's own requests (same origin) still work.
+        r = c.post("/api/samples", data={"label": "ants"}, files=files, headers={"Origin": "http://testserver",
+                                                                                 "Sec-Fetch-Site": "same-origin"})
+        assert r.status_code == 201, r.text
+
+
+@pytest.mark.device
+def test_a_postscript_file_named_jpg_never_reaches_a_decoder(tmp_path):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(DataError, match="holiday.jpg: a PostScript file, not a photo; expected a JPEG, PNG"):
+        decode_image(eps, "holiday.jpg", 224)
+
+
+@pytest.mark.device
+def test_a_bundle_entry_that_links_out_of_the_bundle_is_refused_unread(device_bundle, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(device_bundle, bundle)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    head = next(e["file"] for e in manifest["files"] if e["file"] == "head.npz")
+    outside = tmp_path / "secret.npz"
+    shutil.copy2(bundle / head, outside)  # the same bytes: the hash would pass
+    (bundle / head).unlink()
+    os.symlink(outside, bundle / head)
+    with pytest.raises(BundleError, match="head.npz is a symbolic link") as err:
+        open_bundle(bundle)
+    assert "sha256" not in str(err.value) and "bytes" not in str(err.value)
+
+
+def _attacker_site(root, page: str):
+    (root / "index.html").write_text(page)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_in_chromium_a_page_of_another_origin_and_a_rebound_host_get_nothing(device_bundle, tmp_path):
+    from selenium import webdriver
+
+    from .test_web import _chromium
+
+    found = _chromium()
+    if found is None:
+        pytest.skip("no Chromium here: install Debian's 'chromium' and 'chromium-driver' (.ci/run does)")
+    port = _free_port()
+    proc = _serve(device_bundle, tmp_path / "s.sqlite", "--port", str(port))
+    target = f"http://127.0.0.1:{port}"
+    site = tmp_path / "evil"
+    site.mkdir()
+    # What a page on another site can send without asking (no preflight): a form post, a
+    # text/plain "JSON" body.
+    srv = _attacker_site(site, f"""<script>
+      const fd = new FormData(); fd.append("label", "owned");
+      fd.append("files", new Blob([new Uint8Array([255, 216, 255])], {{type: "image/jpeg"}}), "x.jpg");
+      Promise.allSettled([
+        fetch("{target}/api/samples", {{method: "POST", body: fd, mode: "no-cors"}}),
+        fetch("{target}/api/rollback", {{method: "POST", body: '{{"version": 1}}', mode: "no-cors",
+                                          headers: {{"Content-Type": "text/plain"}}}}),
+        fetch("{target}/api/train", {{method: "POST", mode: "no-cors"}}),
+      ]).then(() => document.title = "sent");
+    </script>""")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = found[0]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--host-resolver-rules=MAP attacker.example 127.0.0.1", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(arg)
+    d = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=found[1]))
+    try:
+        _until_up(proc, target + "/api/info", None)
+        before = _get(target + "/api/history")[1]
+        d.get(f"http://127.0.0.1:{srv.server_address[1]}/")
+        d.set_script_timeout(30)
+        d.execute_async_script("const done = arguments[0]; const t = setInterval(() => {"
+                               " if (document.title === 'sent') { clearInterval(t); done(); } }, 100);")
+        assert _get(target + "/api/history")[1] == before
+        assert _get(target + "/api/info")[1]["samples"] == {} and not _get(target + "/api/info")[1]["training"]
+        # DNS rebinding: attacker.example now resolves to the device; its page reads "its own" origin.
+        d.get(f"http://attacker.example:{port}/api/info")
+        body = d.find_element("tag name", "body").text
+        assert "is not this service's name" in body and "bundle" not in body
+    finally:
+        d.quit()
+        srv.shutdown()
+        proc.terminate()
+        proc.communicate(timeout=60)
