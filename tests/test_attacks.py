@@ -139,3 +139,37 @@ def test_in_chromium_a_page_of_another_origin_and_a_rebound_host_get_nothing(dev
         srv.shutdown()
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+@pytest.mark.device
+def test_bodies_are_bounded_while_they_stream_and_odd_numbers_are_400s(device_bundle, tmp_path):
+    with TestClient(_app(device_bundle, tmp_path / "s.sqlite")) as c:
+        r = c.post("/api/rollback", content=b"[" * 200_000, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "at most 65536" in r.json()["error"]
+
+        def chunks():  # no Content-Length: the limit holds as the bytes arrive
+            for _ in range(100):
+                yield b" " * 4096
+
+        r = c.post("/api/rollback", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "passed 65536 bytes" in r.json()["error"]
+        r = c.post("/api/rollback", content=b"[" * 60_000, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "JSON" in r.json()["error"]
+        r = c.get("/api/samples/" + "9" * 40 + "/thumb")
+        assert r.status_code == 400 and "out of range" in r.json()["error"]
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text.replace('"labels": [', '"labels": ["x"], "labels": [', 1), "appear twice"),
+    (lambda text: text.replace('"feature_dim": ', '"feature_dim": NaN, "x": ', 1), "NaN is not a number"),
+    (lambda text: text.replace('"files": [', '"files": {"a": [', 1).replace('"tools"', '"x": 1}, "tools"', 1),
+     "not valid JSON|files must be a list"),
+    (lambda text: '{"a": ' * 100_000 + "1" + "}" * 100_000, "not valid JSON"),
+])
+def test_a_hostile_manifest_is_one_line_of_error(device_bundle, tmp_path, edit, message):
+    bundle = tmp_path / "b"
+    shutil.copytree(device_bundle, bundle)
+    (bundle / MANIFEST).write_text(edit((bundle / MANIFEST).read_text()))
+    with pytest.raises(BundleError, match=message):
+        open_bundle(bundle)

@@ -38,6 +38,7 @@ ROLES = (*FILE_ROLES, "head", "replay", "labels", "report", "references")  # mod
 DIGEST_FIELD = "manifest_sha256"
 # Zip bundles are extracted (to a private temp folder removed when the bundle is closed or
 # collected) only within these bounds, checked on the zip's directory before a byte is written.
+MAX_MANIFEST_BYTES = 4 << 20
 ZIP_MAX_MEMBERS = 256
 ZIP_MAX_BYTES = int(os.environ.get("EDGETL_ZIP_MAX_BYTES", 2 << 30))  # uncompressed total
 ZIP_MAX_RATIO = 100  # uncompressed / compressed, per member (models compress about 1.1x)
@@ -230,10 +231,18 @@ def read_manifest(root: Path, source: Path) -> dict:
     mpath = root / MANIFEST
     if not mpath.is_file():
         _fail(source, f"no {MANIFEST}; expected a folder or zip written by 'edgetl export'")
+    if mpath.is_symlink():
+        _fail(source, f"{MANIFEST} is a symbolic link; a bundle's files must be plain files inside it")
+    size = mpath.stat().st_size
+    if size > MAX_MANIFEST_BYTES:  # refused before it is parsed
+        _fail(source, f"{MANIFEST} is {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
     try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        _fail(source, f"{MANIFEST} is not valid JSON ({exc})")
+        m = json.loads(mpath.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys,
+                       parse_constant=_no_constant)
+    except (ValueError, OSError, RecursionError) as exc:
+        _fail(source, f"{MANIFEST} is not valid JSON ({str(exc)[:200] or type(exc).__name__})")
+    if isinstance(m, dict) and not isinstance(m.get("files", []), list):
+        _fail(source, f"{MANIFEST}: files must be a list of objects; received {type(m['files']).__name__}")
     if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
         _fail(source, f"{MANIFEST} has format {m.get('format') if isinstance(m, dict) else None!r}; expected {BUNDLE_FORMAT!r}")
     if m.get("format_version") != FORMAT_VERSION:
@@ -249,6 +258,18 @@ def read_manifest(root: Path, source: Path) -> dict:
         except DataError as exc:
             _fail(source, str(exc))
     return m
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"the key(s) {twice} appear twice in one object")
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def manifest_digest(manifest: dict) -> str:

@@ -145,6 +145,7 @@ def create_app(open_learner, token: str | None = None, limits: Limits | None = N
     ``allowed_hosts``: more names it answers to (see :mod:`.guard`)."""
     svc = Service(open_learner, token=token, limits=limits, train_config=train_config,
                   holdout_every=holdout_every, grace_s=grace_s)
+    guard = Middleware(RequestGuard, policy=HostPolicy(bind, allowed_hosts), limits=svc.limits)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -163,8 +164,7 @@ def create_app(open_learner, token: str | None = None, limits: Limits | None = N
                     on_stop()
 
     app = Starlette(routes=[*ROUTES, Mount("/static", StaticFiles(directory=web_root()), name="static")],
-                    lifespan=lifespan, middleware=[Middleware(RequestGuard, policy=HostPolicy(bind, allowed_hosts)),
-                                                    Middleware(_TokenGate, token=token)],
+                    lifespan=lifespan, middleware=[guard, Middleware(_TokenGate, token=token)],
                     exception_handlers={HTTPProblem: _problem, EdgetlError: _edgetl_error,
                                         HTTPException: _http_error, Exception: _crash})
     app.state.service = svc

@@ -9,18 +9,26 @@
   Clients that are not browsers (curl, scripts) send neither and are not affected.
 * JSON endpoints take only ``Content-Type: application/json`` (a form or text/plain body, which
   a page of another origin could send without asking, is refused).
+* Every body is bounded while it streams, whatever ``Content-Length`` says (chunked bodies too):
+  an upload by the upload limits, a page's synced state by ``SYNC_BYTES``, any other body by
+  ``SMALL_BYTES``; a body that stalls for ``STALL_S`` seconds is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 
 from starlette.responses import JSONResponse
 
 from ...labels import printable
+from .state import HTTPProblem, Limits
 
 CHANGES = {"POST", "PATCH", "PUT", "DELETE"}
+SMALL_BYTES = 64 * 1024
+SYNC_BYTES = 64 * 1024 * 1024  # a page's features: about 7 KB a photo
+STALL_S = 30.0
 JSON_ROUTES = (("PATCH", "/api/labels/"), ("POST", "/api/rollback"), ("POST", "/api/sync"))
 WILDCARDS = ("0.0.0.0", "::", "")
 
@@ -72,17 +80,44 @@ def _refuse(status: int, message: str) -> JSONResponse:
 
 
 class RequestGuard:
-    def __init__(self, app, policy: HostPolicy):
-        self.app, self.policy = app, policy
+    def __init__(self, app, policy: HostPolicy, limits: Limits):
+        self.app, self.policy, self.limits = app, policy, limits
+
+    def body_limit(self, method: str, path: str) -> int:
+        if method == "POST" and path == "/api/samples":
+            return self.limits.max_files * self.limits.max_file_bytes + SMALL_BYTES
+        if method == "POST" and path == "/api/predict":
+            return self.limits.max_file_bytes + SMALL_BYTES
+        if method == "POST" and path == "/api/sync":
+            return SYNC_BYTES
+        return SMALL_BYTES
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
         problem = self.check(scope["method"], scope["path"], headers)
+        limit = self.body_limit(scope["method"], scope["path"])
+        length = headers.get("content-length", "")
+        if problem is None and length.isdigit() and int(length) > limit:
+            problem = (413, f"the request body is {int(length)} bytes; {scope['path']} takes at most {limit}")
         if problem is not None:
             return await _refuse(*problem)(scope, receive, send)
-        return await self.app(scope, receive, send)
+        seen = 0
+
+        async def bounded():  # counts what actually arrives, and gives up on a stalled body
+            nonlocal seen
+            try:
+                message = await asyncio.wait_for(receive(), STALL_S)
+            except asyncio.TimeoutError:
+                raise HTTPProblem(408, f"the request body stalled for {STALL_S:g} s; send it again") from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPProblem(413, f"the request body passed {limit} bytes, the most {scope['path']} takes")
+            return message
+
+        return await self.app(scope, bounded, send)
 
     def check(self, method: str, path: str, headers: dict) -> tuple[int, str] | None:
         host_value = headers.get("host", "")

@@ -23,8 +23,6 @@ from ..learner import MODES
 from ..phone.sync import import_state, state_for_page
 from .state import HTTPProblem, Limits, Service
 
-MAX_SYNC_BYTES = 64 * 1024 * 1024  # a page's features: about 7 KB a photo
-
 
 def _svc(request) -> Service:
     return request.app.state.service
@@ -32,15 +30,18 @@ def _svc(request) -> Service:
 
 def _int(value: str, what: str) -> int:
     try:
-        return int(value)
+        n = int(value)
     except (TypeError, ValueError):
-        raise HTTPProblem(400, f"{what} must be a whole number; received {printable(str(value))!r}") from None
+        raise HTTPProblem(400, f"{what} must be a whole number; received {printable(str(value)[:40])!r}") from None
+    if abs(n) >= 2**63:
+        raise HTTPProblem(400, f"{what} {printable(str(value)[:40])} is out of range")
+    return n
 
 
 async def _json_body(request) -> dict:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         raise HTTPProblem(400, "expected a JSON object in the request body") from None
     if not isinstance(body, dict):
         raise HTTPProblem(400, f"expected a JSON object; received {type(body).__name__}")
@@ -149,7 +150,9 @@ async def add_samples(request):
     if len(failed) < len(files):
         return JSONResponse(doc, status_code=200)
     too_big = all(isinstance(i, dict) and i["status"] == 413 for i in items)
-    doc["error"] = f"no photo stored: {failed[0]['file']}: {failed[0]['error']}" + (
+    first = failed[0]["error"] if failed[0]["error"].startswith(f"{failed[0]['file']}:") else \
+        f"{failed[0]['file']}: {failed[0]['error']}"
+    doc["error"] = f"no photo stored: {first}" + (
         f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
     return JSONResponse(doc, status_code=413 if too_big else 400)
 
@@ -292,10 +295,7 @@ async def sync_get(request):
 
 async def sync_post(request):
     svc = _svc(request)
-    length = _int(request.headers.get("content-length", "0"), "Content-Length")
-    if length > MAX_SYNC_BYTES:
-        raise HTTPProblem(413, f"the state is {length} bytes; at most {MAX_SYNC_BYTES} per request")
-    body = await _json_body(request)
+    body = await _json_body(request)  # (bounded by the guard while it streams)
     return JSONResponse(await svc.call(import_state, svc.learner, body))
 
 
