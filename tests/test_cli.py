@@ -129,3 +129,24 @@ def test_demo_runs_the_whole_slice_and_can_run_again(tiny_data, tmp_path):
     res = CliRunner().invoke(cli, ["demo", "--data", str(tiny_data["train"]), "--out", str(other)])
     assert res.exit_code == 1 and "was not written by 'edgetl demo'" in res.output
     assert (other / "notes.txt").read_text() == "keep"
+
+
+def test_piping_into_head_ends_quietly_and_a_port_in_use_is_one_line(device_bundle, tmp_path):
+    """`edgetl-device ... | head` whose reader is gone exits like a Unix tool (141, nothing on
+    stderr); `serve` on a port that is taken says so in one line and exits 1."""
+    import socket
+
+    code = "from edgetl.cli.device_cmds import main; main()"
+    base = [sys.executable, "-c", code, "--bundle", str(device_bundle), "--store", str(tmp_path / "s.sqlite")]
+    assert subprocess.run([*base, "info"], capture_output=True, timeout=120).returncode == 0
+    p = subprocess.Popen([*base, "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader went away before the first line
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and b"Error" not in err and b"Traceback" not in err, err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([*base, "serve", "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == (f"Error: port {port} on 127.0.0.1 is in use (another service, "
+                                                        "or this one already running); stop it or pick another --port")

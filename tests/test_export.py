@@ -388,10 +388,10 @@ def test_existing_bundle_needs_force(tiny_bundle, tiny_run):
 def test_unknown_format_suggests_the_right_name(tiny_run):
     runner = CliRunner()
     res = runner.invoke(cli, ["export", str(tiny_run), "-f", "tflte"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # a value on the command line: a usage error, before anything is loaded
     assert "unknown format 'tflte'; did you mean 'tflite'?" in res.output
     res = runner.invoke(cli, ["export", str(tiny_run), "-f", "onnx:fp16"])
-    assert res.exit_code == 1 and "format 'onnx' has no precision 'fp16'" in res.output
+    assert res.exit_code == 2 and "format 'onnx' has no precision 'fp16'" in res.output
 
 
 def test_coral_uint8_model_names_the_photos():

@@ -14,7 +14,8 @@ import warnings
 
 import click
 
-from ..errors import EdgetlError
+from ..errors import ConfigError, EdgetlError
+from ..formats import parse_targets
 
 log = logging.getLogger("edgetl")
 
@@ -92,8 +93,25 @@ def quiet_tensorflow() -> None:
         NativeStderr().start()
 
 
+class Interrupted(click.ClickException):
+    """Ctrl-C: one line, exit 130 (128 + SIGINT); writes are atomic, so nothing half-done is left."""
+
+    exit_code = 130
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (``| head``): stop writing and exit quietly, as Unix tools do."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a tool stopped by the closed pipe
+
+
 def handle_errors(fn):
-    """Library errors become one clean ``Error: ...`` line and exit code 1 at the CLI edge."""
+    """Library errors become one clean ``Error: ...`` line and exit code 1 at the CLI edge; Ctrl-C
+    is one line and 130; a reader that went away (``| head``) ends the command quietly."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -105,6 +123,12 @@ def handle_errors(fn):
         except (SystemExit, click.ClickException):
             replay = False
             raise
+        except KeyboardInterrupt:
+            replay = False
+            raise Interrupted("interrupted; nothing half-written was left behind") from None
+        except BrokenPipeError:
+            replay = False
+            _quiet_broken_pipe()
         except EdgetlError as exc:  # says what went wrong itself; the held-back chatter would bury it
             replay = False
             raise click.ClickException(str(exc)) from None
@@ -117,6 +141,16 @@ def handle_errors(fn):
                 NativeStderr.active.stop(replay=replay)
 
     return wrapper
+
+
+def check_targets(ctx, param, value):
+    """``-f/--format`` values checked while the command line is parsed: a wrong one is a usage error (2)."""
+    if value:
+        try:
+            parse_targets(list(value))
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
 
 
 def default(config_cls, name: str):

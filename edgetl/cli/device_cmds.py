@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
+import socket
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +17,7 @@ from ..bundle.selftest import describe_cpu
 from ..data import expand_images
 from ..device.learner import MODES
 from ..device.service import Limits
+from ..errors import EdgetlError
 from ..formats import BACKENDS, PRECISIONS
 from ..head.fit import OPTIMIZERS, HeadTrainConfig
 from ..head.tflite import config_for
@@ -385,14 +388,26 @@ def remove(ctx, label, as_json):
 
 def _lan_address() -> str | None:
     """This machine's address on its network (no packet is sent), for the URL to open on a phone."""
-    import socket
-
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed; connect() only picks the interface
             return s.getsockname()[0]
     except OSError:
         return None
+
+
+def _check_port(host: str, port: int) -> None:
+    """Bind the address once before anything starts: a port in use is one line, not uvicorn's log."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise EdgetlError(f"port {port} on {host} is in use (another service, or this one already "
+                                  "running); stop it or pick another --port") from None
+            raise EdgetlError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _token_for(store: Path, host: str, given: str | None) -> tuple[str | None, str]:
@@ -460,6 +475,7 @@ def serve(ctx, host, port, token, certfile, keyfile, max_file_mb, max_files, all
         raise click.UsageError("Missing option '--bundle' (or the EDGETL_BUNDLE environment variable)", ctx=ctx)
     from ..bundle import open_bundle
 
+    _check_port(host, port)
     store = o["store"] or default_store_path(open_bundle(o["bundle"]))
     token, origin = _token_for(Path(store), host, token)
     check_binding(host, token)

@@ -10,6 +10,7 @@ from ..export.config import ExportConfig
 from ..formats import FORMATS, IO_TYPES, MODEL_ROLES
 from .common import (
     ProgressBars,
+    check_targets,
     default,
     emit_json,
     handle_errors,
@@ -28,6 +29,7 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Bundle folder to write (default: models/<run folder name>).")
 @click.option("-f", "--format", "targets", multiple=True, default=default(_E, "targets"), show_default=True,
+              callback=check_targets,
               help=f"FORMAT[:PRECISION[+PRECISION]] or FORMAT:all; repeatable. {_FORMAT_HELP}.")
 @click.option("--role", "roles", multiple=True, type=click.Choice(list(MODEL_ROLES)),
               default=default(_E, "roles"), show_default=True,
@@ -105,7 +107,7 @@ def _fmt(v, spec="{:.3f}"):
 @click.command()
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-f", "--format", "targets", multiple=True, default=None,
+@click.option("-f", "--format", "targets", multiple=True, default=None, callback=check_targets,
               help="Targets as for export (default: every format and precision). Run folders only.")
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed batch-1 runs per file.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
