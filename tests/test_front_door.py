@@ -275,12 +275,18 @@ def test_device_eval_and_export_round_trip(device_bundle, tmp_path):
     assert r.exit_code == 0, r.output
     ex = json.loads(r.stdout)
     assert ex["labels"] == labels and ex["stored"] == 8
-    # The exported bundle answers like the device does, through the workstation's predict and a new device.
-    r = runner.invoke(cli, [*base, "predict", *map(str, ANTS[8:14]), "--json"])
-    device_preds = [p["label"] for p in json.loads(r.stdout)["predictions"]]
+    # The exported bundle answers like the device does, through the workstation's predict and a new
+    # device: the same labels and (the calibration travels) the same scores.
+    r = runner.invoke(cli, [*base, "predict", *map(str, ANTS[8:14]), "--mode", "head", "--json"])
+    device_preds = [(p["label"], p["score"]) for p in json.loads(r.stdout)["predictions"]]
     r = runner.invoke(cli, ["predict", str(out), *map(str, ANTS[8:14]), "--json"])
     assert r.exit_code == 0, r.output
-    assert [p["label"] for p in json.loads(r.stdout)["predictions"]] == device_preds
+    exported = [(p["label"], p["score"]) for p in json.loads(r.stdout)["predictions"]]
+    assert [p[0] for p in exported] == [p[0] for p in device_preds]
+    assert max(abs(a[1] - b[1]) for a, b in zip(exported, device_preds)) < 1e-4, (exported, device_preds)
+    # It carries the self-test references: a new device checks it on its CPU.
+    r = runner.invoke(cli, ["device", "--bundle", str(out), "--store", str(tmp_path / "chk.sqlite"), "check", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["ok"], r.output
     r = runner.invoke(cli, ["device", "--bundle", str(out), "--store", str(tmp_path / "new.sqlite"), "info", "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)

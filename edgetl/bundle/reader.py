@@ -106,12 +106,20 @@ class Bundle:
             )
         return cands[0]
 
+    def _head_entry(self, backbone_entry: dict | None) -> dict:
+        if backbone_entry is not None and backbone_entry.get("head"):
+            return self._entry(backbone_entry["head"], "head")
+        return next((f for f in self.entries("head") if "backbone" not in f), None) or self.pick("head")
+
+    def temperature(self, backbone_entry: dict | None = None) -> float | None:
+        """The temperature that calibrates the head's scores (a personalized bundle's, fitted on
+        the device's held-back photos), or None."""
+        t = self._head_entry(backbone_entry).get("temperature")
+        return float(t) if isinstance(t, (int, float)) and 0.01 <= t <= 100 else None
+
     def head(self, backbone_entry: dict | None = None) -> Layers:
         """The head; a quantized backbone may carry its own re-fitted head (``backbone_entry['head']``)."""
-        if backbone_entry is not None and backbone_entry.get("head"):
-            entry = self._entry(backbone_entry["head"], "head")
-        else:
-            entry = next((f for f in self.entries("head") if "backbone" not in f), None) or self.pick("head")
+        entry = self._head_entry(backbone_entry)
         layers = load_head(self.path(entry))
         if layers[0][0].shape[0] != self.feature_dim or layers[-1][0].shape[1] != len(self.labels):
             raise BundleError(

@@ -77,11 +77,14 @@ class BundleWriter:
         shutil.copy2(source, self.path(name))
         return self.add(name, role, **fields)
 
-    def write_head(self, layers: Layers, backbone: str | None = None) -> str:
-        """``head.npz``, or with ``backbone`` the head re-fitted for that backbone file."""
+    def write_head(self, layers: Layers, backbone: str | None = None, temperature: float | None = None) -> str:
+        """``head.npz``, or with ``backbone`` the head re-fitted for that backbone file;
+        ``temperature``: what calibrates its scores (a device's training fits one)."""
         name = HEAD_FILE if backbone is None else head_file_for(backbone)
         save_head(self.path(name), layers)
         extra = {} if backbone is None else {"backbone": backbone}
+        if temperature is not None:
+            extra["temperature"] = float(temperature)
         return self.add(name, "head", format="npz", **extra, **head_fields(layers))
 
     def write_replay(self, backbone_file: str, features: np.ndarray, labels: np.ndarray) -> str:

@@ -63,8 +63,11 @@ class Learner:
         self.retrainer = Retrainer(bundle, backbone_entry, store, trainer, {} if references is None else references)
         self.backbone_check = BackboneCheck(bundle, backbone_entry, runner, store)
         if store.active_version() is None and not store.readonly:
-            store.save_head(list(bundle.labels), bundle.head(backbone_entry),
-                            {"origin": "bundle", "note": "the workstation head from the bundle"})
+            info = {"origin": "bundle", "note": "the workstation head from the bundle"}
+            t = bundle.temperature(backbone_entry)
+            if t is not None:  # a personalized bundle's calibration travels with its head
+                info["temperature"] = {"value": t, "from": "bundle"}
+            store.save_head(list(bundle.labels), bundle.head(backbone_entry), info)
 
     @classmethod
     def open(cls, bundle: str | Path, store: str | Path | None = None, backend: str | None = None,

@@ -19,6 +19,7 @@ from ..bundle import open_bundle
 from ..data import load_samples, read_labels, scan_folder
 from ..errors import ConfigError, DataError, ModelError
 from ..head.arrays import head_predict
+from ..head.calibration import with_temperature
 from ..metrics import classification_report, top_k
 from ..runtime import open_model
 
@@ -65,13 +66,12 @@ class FilePredictor(Predictor):
 class SplitPredictor(Predictor):
     """Backbone file + NumPy head: what the device runs."""
 
-    def __init__(self, runner, layers, labels, spec, source):
-
-        self._head_predict = head_predict
+    def __init__(self, runner, layers, labels, spec, source, temperature: float | None = None):
         self.runner, self.layers, self.labels, self.preprocessing, self.source = runner, layers, labels, spec, source
+        self.temperature = temperature  # a personalized bundle's calibration: the device's scores
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self._head_predict(self.runner.run(x), self.layers)
+        return with_temperature(head_predict(self.runner.run(x), self.layers), self.temperature)
 
 
 def _labels_from_file_metadata(runner) -> list[str] | None:
@@ -116,7 +116,8 @@ def open_predictor(
             return FilePredictor(runner, b.labels, b.preprocessing, f"bundle {p} ({entry['file']})")
         entry = b.pick("backbone", backend=backend, precision=precision)
         runner = b.open_model(entry, threads, backend)
-        return SplitPredictor(runner, b.head(entry), b.labels, b.preprocessing, f"bundle {p} ({entry['file']} + head)")
+        return SplitPredictor(runner, b.head(entry), b.labels, b.preprocessing, f"bundle {p} ({entry['file']} + head)",
+                              b.temperature(entry))
     if p.is_dir():
         raise ModelError(f"{str(p)!r} is a folder but neither a run folder (run.json) nor a bundle (manifest.json)")
     if p.suffix.lower() == ".keras":
