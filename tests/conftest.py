@@ -7,6 +7,7 @@ Before anything imports Keras, ``KERAS_HOME`` is pointed at a temporary cache fi
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,7 +30,14 @@ from .helpers import (  # noqa: F401  (re-exported for the test modules)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-use_offline_weights(SHARED / "weights/keras")
+_KERAS_HOME_SET = bool(os.environ.get("KERAS_HOME"))
+_KERAS_HOME = use_offline_weights(SHARED / "weights/keras")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The temporary Keras cache this session made (links to shared/ weights) goes with it."""
+    if not _KERAS_HOME_SET and _KERAS_HOME.name.startswith("edgetl-keras-home-"):
+        shutil.rmtree(_KERAS_HOME, ignore_errors=True)
 
 
 def have_tensorflow() -> bool:

@@ -8,6 +8,7 @@ import click
 
 from ..export.config import ExportConfig
 from ..formats import FORMATS, IO_TYPES, MODEL_ROLES
+from ..train.run import Run
 from .common import (
     ProgressBars,
     check_targets,
@@ -79,6 +80,7 @@ def export(run_dir, out, targets, roles, io, calibration_images, max_drop, repla
                           make_zip=make_zip, force=force, threads=threads, refit_head=not no_refit_head,
                           max_classes=max_classes, trainable_lr=trainable_lr, trainable_l2=trainable_l2,
                           full_integer=full_int8, float_error=float_error)
+    Run(run_dir)  # not a run folder: said before TensorFlow is imported
     quiet_tensorflow()
     from ..export import export_run
 
@@ -128,6 +130,9 @@ def bench(model, data_dir, targets, runs, warmup, calibration_images, max_drop, 
     Rows: status, file size, accuracy and its difference to Keras, batch-1 latency p50/p95 with
     one thread and with all threads, and peak memory of a process running the file.
     """
+    if targets and not (Path(model) / "run.json").is_file():
+        raise click.UsageError(f"-f/--format chooses what to export from a run folder; {str(model)!r} is not one, "
+                               "and a bundle or a file is benchmarked with the files it holds: leave -f out")
     quiet_tensorflow()
     from ..bench import bench as run_bench
 
