@@ -173,3 +173,50 @@ def test_a_hostile_manifest_is_one_line_of_error(device_bundle, tmp_path, edit, 
     (bundle / MANIFEST).write_text(edit((bundle / MANIFEST).read_text()))
     with pytest.raises(BundleError, match=message):
         open_bundle(bundle)
+
+
+@pytest.mark.device
+def test_an_oversized_photo_is_cut_while_it_streams_and_refused_alone(device_bundle, tmp_path, monkeypatch):
+    """A file over the per-file limit is not spooled whole (at most the limit + 1 byte is kept) and
+    gets its own 413; the good photo beside it is stored."""
+    from starlette.formparsers import MultiPartParser
+
+    from edgetl.device.service import Limits
+
+    kept = []
+    real = MultiPartParser.on_part_data
+
+    def spy(self, data, start, end):
+        if self._current_part.file is not None:
+            kept.append(end - start)
+        return real(self, data, start, end)
+
+    monkeypatch.setattr(MultiPartParser, "on_part_data", spy)
+    limits = Limits(max_file_bytes=200_000, max_files=16)  # the request may carry 3.2 MB; one photo 200 KB
+    with TestClient(_app(device_bundle, tmp_path / "s.sqlite", limits=limits)) as c:
+        big = ("files", ("big.jpg", b"\xff\xd8" + b"\x00" * 2_000_000, "image/jpeg"))
+        good = ("files", (ANTS[0].name, ANTS[0].read_bytes(), "image/jpeg"))
+        r = c.post("/api/samples", data={"label": "ants"}, files=[big, good])
+    assert r.status_code == 200, r.text
+    files = r.json()["files"]
+    assert "larger than the limit of 200000 bytes" in files[0]["error"] and "id" in files[1]
+    assert sum(kept) <= 200_001 + ANTS[0].stat().st_size
+
+
+@pytest.mark.device
+def test_a_damaged_store_is_refused_before_it_is_used(device_bundle, tmp_path):
+    from edgetl.device import Learner
+    from edgetl.errors import StoreError
+
+    store = tmp_path / "s.sqlite"
+    learner = Learner.open(device_bundle, store=store, threads=1)
+    learner.add(ANTS[:6], "ants")
+    learner.close()
+    data = bytearray(store.read_bytes())
+    page = 4096
+    assert len(data) > 4 * page
+    data[2 * page : 2 * page + 512] = b"\xa5" * 512  # damage a page in the middle (not the header)
+    store.write_bytes(bytes(data))
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="is damaged"):
+            Learner.open(device_bundle, store=store, threads=1, readonly=readonly)

@@ -12,7 +12,7 @@ import platform
 import time
 
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse, Response
 
 from ... import __version__, package_versions
@@ -60,12 +60,37 @@ async def _form(request, limits: Limits, max_files: int):
                                                                "application/x-www-form-urlencoded")):
         raise HTTPProblem(400, "expected multipart/form-data with the photo(s) in 'files' (or 'file')")
     try:
-        return await request.form(max_files=max_files, max_fields=16, max_part_size=64 * 1024)
+        if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            return await request.form(max_files=0, max_fields=16)  # (fields only: no photos in it)
+        parser = _BoundedParts(request.headers, request.stream(), max_files=max_files, max_fields=16,
+                               max_part_size=64 * 1024, max_file_size=limits.max_file_bytes)
+        return await parser.parse()
     except (MultiPartException, HTTPException) as exc:  # Starlette turns the first into the second
         text = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
         if "Too many files" in text:
             raise HTTPProblem(413, f"at most {max_files} photo(s) per request; send the rest in another") from None
         raise HTTPProblem(400, f"bad multipart upload: {text}") from None
+
+
+class _BoundedParts(MultiPartParser):
+    """Starlette's multipart parser, keeping at most ``max_file_size + 1`` bytes of each file as
+    it streams: an oversized photo costs no more disk than that, and still gets its own error
+    (the others of the request are stored)."""
+
+    def __init__(self, *args, max_file_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_file_size = max_file_size
+        self._kept: dict[int, int] = {}
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current_part
+        if part.file is not None:
+            kept = self._kept.get(id(part), 0)
+            end = min(end, start + max(0, self.max_file_size + 1 - kept))
+            self._kept[id(part)] = kept + (end - start)
+            if end <= start:
+                return
+        super().on_part_data(data, start, end)
 
 
 async def _photos(uploads, limits: Limits) -> list[Photo | dict]:
