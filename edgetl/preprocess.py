@@ -123,6 +123,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 # is decoded. A 236 KB PNG can hold 9000x9000 pixels: 243 MB as RGB, 675 MB of peak memory on
 # a device. 40 MP covers every phone camera; EDGETL_MAX_PIXELS changes it.
 MAX_PIXELS = int(os.environ.get("EDGETL_MAX_PIXELS", 40_000_000))
+# A photo stored to train on is at least this many pixels on each side: a thumbnail-sized (or 1x1)
+# image blown up to the model's input teaches a class nothing but blur. Predictions take any size.
+MIN_TRAINING_SIDE = 32
 
 
 def decode_image(data: bytes, name: str = "<bytes>", size: int | None = None) -> Image.Image:
@@ -227,16 +230,26 @@ def normalize(pixels: np.ndarray, spec: Preprocessing) -> np.ndarray:
     return x * np.float32(spec.scale) + np.asarray(spec.offset, dtype=np.float32)
 
 
-def load_pixels(path: str | Path, size: int) -> tuple[np.ndarray, str]:
-    """One file to uint8 size x size x 3 pixels and the sha256 of its bytes."""
+def _big_enough(img: Image.Image, name: str, min_side: int) -> Image.Image:
+    w, h = img.size
+    if min(w, h) < min_side:
+        raise DataError(f"{name}: {w}x{h} pixels is too small to learn from; a photo to train on needs at least "
+                        f"{min_side} pixels on each side")
+    return img
+
+
+def load_pixels(path: str | Path, size: int, min_side: int = 0) -> tuple[np.ndarray, str]:
+    """One file to uint8 size x size x 3 pixels and the sha256 of its bytes (``min_side``: refuse
+    a smaller photo, e.g. :data:`MIN_TRAINING_SIDE` for a training sample)."""
     img, digest = read_image_file(path, size)
-    return resize_rgb(img, size), digest
+    return resize_rgb(_big_enough(img, str(path), min_side), size), digest
 
 
-def pixels_from_bytes(data: bytes, name: str, size: int) -> tuple[np.ndarray, str]:
+def pixels_from_bytes(data: bytes, name: str, size: int, min_side: int = 0) -> tuple[np.ndarray, str]:
     """Image bytes held in memory (e.g. an upload, reported as ``name``) to uint8 pixels, as
     :func:`load_pixels` does for a file, and the sha256 of the bytes."""
-    return resize_rgb(decode_image(data, name, size), size), hashlib.sha256(data).hexdigest()
+    return resize_rgb(_big_enough(decode_image(data, name, size), name, min_side), size), \
+        hashlib.sha256(data).hexdigest()
 
 
 def load_batch(

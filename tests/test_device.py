@@ -769,3 +769,17 @@ def test_shipped_principal_directions_are_used_only_if_orthonormal(device_bundle
         sub, coords = open_bundle(copy).replay_subspace(backbone, k)
     assert "not finite and orthonormal" in caplog.text
     np.testing.assert_allclose(sub.basis @ sub.basis.T, np.eye(sub.dim), atol=1e-4)
+
+
+@pytest.mark.device
+def test_a_photo_too_small_to_learn_from_is_refused_for_training_but_predicted(learner, tmp_path):
+    from PIL import Image
+
+    tiny = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(tiny)
+    r = learner.add([tiny, ANTS[0]], "ants")
+    assert r["stored"] == 1 and r["errors"] == [
+        {"file": str(tiny), "error": f"{tiny}: 1x1 pixels is too small to learn from; a photo to train on needs at "
+                                     "least 32 pixels on each side"}]
+    p = learner.predict([tiny])["predictions"][0]
+    assert "error" not in p and p["label"]

@@ -60,18 +60,19 @@ class FeatureExtractor:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def _load(self, photo: PhotoLike, thumbs: bool):
+    def _load(self, photo: PhotoLike, thumbs: bool, min_side: int = 0):
         try:
             if isinstance(photo, Photo):
-                px, digest = preprocess.pixels_from_bytes(photo.data, printable(photo.name), self.spec.size)
+                px, digest = preprocess.pixels_from_bytes(photo.data, printable(photo.name), self.spec.size, min_side)
             else:
-                px, digest = preprocess.load_pixels(photo, self.spec.size)
+                px, digest = preprocess.load_pixels(photo, self.spec.size, min_side)
         except DataError as exc:
             return None, None, printable(str(exc)), None
         thumb = preprocess.thumbnail_jpeg(px) if thumbs else None
         return self.runner.prepare(px[None], self.spec), digest, None, thumb
 
-    def extract(self, photos: list[PhotoLike], ahead: int = 2, thumbs: bool = False) -> Extracted:
+    def extract(self, photos: list[PhotoLike], ahead: int = 2, thumbs: bool = False, min_side: int = 0) -> Extracted:
+        """``min_side``: refuse photos smaller than this (each gets its error), e.g. for training."""
         if ahead < 1:
             raise ConfigError(f"ahead must be at least 1 photo; received {ahead}")
         photos = list(photos)
@@ -90,18 +91,18 @@ class FeatureExtractor:
             out.digests[i], out.thumbs[i] = digest, thumb
 
         if n == 1:
-            consume(0, self._load(photos[0], thumbs))
+            consume(0, self._load(photos[0], thumbs, min_side))
         elif n:
             if self._pool is None:  # one worker for the extractor's life: no thread start per call
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetl-decode")
-            first = self._load(photos[0], thumbs)  # before the worker starts: the two would contend for the GIL
-            pending = deque(self._pool.submit(self._load, p, thumbs) for p in photos[1 : 1 + ahead])
+            first = self._load(photos[0], thumbs, min_side)  # before the worker starts: the two would contend for the GIL
+            pending = deque(self._pool.submit(self._load, p, thumbs, min_side) for p in photos[1 : 1 + ahead])
             try:
                 consume(0, first)
                 for i in range(1, n):
                     loaded = pending.popleft().result()
                     if i + ahead < n:
-                        pending.append(self._pool.submit(self._load, photos[i + ahead], thumbs))
+                        pending.append(self._pool.submit(self._load, photos[i + ahead], thumbs, min_side))
                     consume(i, loaded)
             finally:  # on an error, let the worker finish what it holds before the caller goes on
                 for f in pending:

@@ -30,6 +30,7 @@ from ..head.ncm import ncm_predict
 from ..labels import check_label, printable, storable
 from ..metrics import classification_report
 from ..metrics import top_k as top_k_labels
+from ..preprocess import MIN_TRAINING_SIDE
 from .backbone import BackboneCheck, first_passing_backbone, pick_backbone
 from .bundle_out import export_personalized
 from .features import Extracted, FeatureExtractor, PhotoLike
@@ -129,7 +130,7 @@ class Learner:
         photos are stored in one transaction."""
         label = self._check_new_label(label, new_class)
         photos = list(photos)
-        ex: Extracted = self.extractor.extract(photos, thumbs=thumbnails)
+        ex: Extracted = self.extractor.extract(photos, thumbs=thumbnails, min_side=MIN_TRAINING_SIDE)
         kept = ex.kept()
         names = [storable(ex.names[i]) for i in kept]  # a file name that is not UTF-8 is stored with \xNN escapes
         ids = self.store.add(ex.features, label, names, [ex.digests[i] for i in kept], dtype,

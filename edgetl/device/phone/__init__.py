@@ -24,6 +24,7 @@ from ...bundle.selftest import References
 from ...errors import BundleError, ConfigError, MissingDependencyError
 from ...fileio import atomic_write_bytes, atomic_write_json, commit_dir, make_staging_dir, sha256_file
 from ...head.solver import SHIPPED_DIRECTIONS
+from ...preprocess import MIN_TRAINING_SIDE
 
 VENDOR_FILES = ("litert.js", "wasm-utils.js", "wasm/litert_wasm_internal.js", "wasm/litert_wasm_internal.wasm",
                 "wasm/litert_wasm_threaded_internal.js", "wasm/litert_wasm_threaded_internal.wasm")
@@ -119,7 +120,8 @@ def write_model(bundle: Bundle, entry: dict, folder: Path) -> dict:
     return {
         "format": "edgetl-phone", "format_version": 1, "name": bundle.manifest.get("name"),
         "bundle_sha256": bundle.digest, "labels": bundle.labels, "feature_dim": bundle.feature_dim,
-        "preprocessing": bundle.preprocessing.to_dict(), "backbone": bundle.backbone_identity,
+        "preprocessing": bundle.preprocessing.to_dict(), "min_training_side": MIN_TRAINING_SIDE,
+        "backbone": bundle.backbone_identity,
         "backbone_file": entry["file"], "backbone_sha256": entry["sha256"], "precision": entry.get("precision"),
         "self_test": self_test, "files": files,
     }

@@ -202,8 +202,11 @@ class Device {
     }
   }
 
-  async pixels(blob, name) {
+  async pixels(blob, name, minSide = 0) {
     const { rgb, w, h } = await decode(blob, name);
+    if (Math.min(w, h) < minSide) {
+      throw new EdgetlError(`${name}: ${w}x${h} pixels is too small to learn from; a photo to train on needs at least ${minSide} pixels on each side`);
+    }
     return resizeRGB(rgb, w, h, this.meta.preprocessing.size);
   }
 
@@ -286,7 +289,7 @@ class Device {
       const name = blob.name || `photo-${i + 1}`;
       try {
         const bytes = await blob.arrayBuffer();
-        const px = await this.pixels(blob, name);
+        const px = await this.pixels(blob, name, this.meta.min_training_side ?? 0);
         rows.push({ name, digest: await sha256Hex(bytes), feature: await this.features(px), thumb: await thumbnail(px, this.meta.preprocessing.size) });
       } catch (e) {
         rows.push({ name, error: e instanceof EdgetlError ? e.message : `${name}: ${e.message || e}` });
