@@ -100,6 +100,9 @@ def _row_for_file(path: Path, predictor, data, keras_acc, keras_pred, runs, warm
         row["runtime"] = m["runtime"]
     failed = keras_acc is not None and -row["diff_points"] > max_drop
     row["status"] = "failed verification" if failed else "ok"
+    if failed:  # the row says why: what it scored against what the gate allows
+        row["error"] = (f"accuracy {100 * row['accuracy']:.2f}% is {-row['diff_points']:.2f} points below Keras's "
+                        f"{100 * keras_acc:.2f}% on these {row['num_images']} photos; --max-drop allows {max_drop:g}")
     return row
 
 

@@ -62,13 +62,16 @@ _FORMAT_HELP = "; ".join(f"{f.name}: {', '.join(f.precisions)}" for f in FORMATS
               help="Mixed int8: keep in float each layer whose int8 output error, measured on calibration photos, "
                    "exceeds this many quantization steps (RMSE / scale).")
 @click.option("--no-verify", is_flag=True, help="Skip running every file against Keras on the validation photos.")
+@click.option("--val", "val_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Verify and gate every file on these photos (one folder per class) instead of the run's "
+                   "validation split, which the default head was also refitted on.")
 @click.option("--zip", "make_zip", is_flag=True, help="Also write the bundle as one .zip beside the folder.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @threads_option
 @json_option
 @handle_errors
 def export(run_dir, out, targets, roles, io, calibration_images, max_drop, replay_per_class, max_classes, trainable_lr,
-           trainable_l2, no_refit_head, full_int8, float_error, no_verify, make_zip, force, threads, as_json):
+           trainable_l2, no_refit_head, full_int8, float_error, no_verify, val_dir, make_zip, force, threads, as_json):
     """Export RUN_DIR to a bundle: TFLite/ONNX files, head, labels, manifest.
 
     Every file is checked for the tensor types asked for and, unless --no-verify, run in its
@@ -79,7 +82,8 @@ def export(run_dir, out, targets, roles, io, calibration_images, max_drop, repla
                           verify=not no_verify, max_drop=max_drop, replay_per_class=replay_per_class,
                           make_zip=make_zip, force=force, threads=threads, refit_head=not no_refit_head,
                           max_classes=max_classes, trainable_lr=trainable_lr, trainable_l2=trainable_l2,
-                          full_integer=full_int8, float_error=float_error)
+                          full_integer=full_int8, float_error=float_error,
+                          val_dir=str(val_dir) if val_dir else None)
     Run(run_dir)  # not a run folder: said before TensorFlow is imported
     quiet_tensorflow()
     from ..export import export_run
@@ -97,8 +101,7 @@ def export(run_dir, out, targets, roles, io, calibration_images, max_drop, repla
                      f"{v['top1_agreement']:.4f}",
                      f"{v['cosine_mean']:.5f}" if "cosine_mean" in v else f"{v['max_abs_diff']:.2e}"])
     if rows:
-        print_table(f"verified on {report['num_val_images']} validation photos; Keras accuracy "
-                    f"{report['keras_accuracy']:.4f}",
+        print_table(f"verified on {report['verified_on_photos']}; Keras accuracy {report['keras_accuracy']:.4f}",
                     ["file", "MB", "accuracy", "agreement", "cosine / max diff"], rows)
 
 

@@ -54,6 +54,9 @@ class ExportConfig:
     full_integer: bool = False
     float_error: float | None = FLOAT_ERROR  # mixed int8: layers above this error stay float
     opset: int = 17  # ONNX opset
+    # Photos to verify (and gate) the files on, one folder per class: photos the head never saw.
+    # Default: the run's validation split (which the default head was refitted on as well).
+    val_dir: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))

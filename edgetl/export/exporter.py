@@ -32,7 +32,7 @@ from ..bundle.selftest import (
 )
 from ..bundle.selftest import measure as measure_file
 from ..convert.source import ExportSource
-from ..data import Sample, load_samples
+from ..data import Sample, load_samples, scan_folder
 from ..errors import ConfigError, ExportError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..formats import MODEL_ROLES, file_format, file_name
@@ -158,7 +158,7 @@ class _Export:
         train = run.samples("train")
         self.x_cal, _, _ = load_samples(balanced_subset(train, config.calibration_images), self.spec)
         self.replay_samples = first_per_class(train, config.replay_per_class)
-        self.val_samples = run.samples("val")
+        self.val_samples, self.val_source = self._verification_photos(run, config)
         self.x_val, self.y_val, _ = load_samples(self.val_samples, self.spec)
         self.references: dict[str, np.ndarray] = {}
         self.keras_acc = None
@@ -173,6 +173,22 @@ class _Export:
         self.verification: list[dict] = []
         self.extra_heads: dict[str, str] = {}  # backbone file -> its re-fitted head's file
         self.teacher = None  # (photo paths, the float model's probabilities on them), computed once
+
+    @staticmethod
+    def _verification_photos(run, config: ExportConfig) -> tuple[list[Sample], str]:
+        """The photos every file is verified and gated on, and what they are (said in the report)."""
+        if config.val_dir:
+            folder = scan_folder(config.val_dir, classes=run.labels)
+            if not folder.samples:
+                raise ExportError(f"--val {config.val_dir!r} holds no photos of the run's classes {run.labels}")
+            return folder.samples, f"{len(folder.samples)} photos of {config.val_dir} (--val)"
+        samples = run.samples("val")
+        fit_on = run.info.get("head_training", {}).get("fit_on")
+        what = f"the run's {len(samples)} validation photos"
+        if fit_on == "train+val":
+            what += (" (the head was refitted on them too, so they flatter it: give photos it never saw "
+                     "with --val DIR)")
+        return samples, what
 
     def start(self, writer: BundleWriter) -> None:
         self.writer = writer
@@ -280,6 +296,7 @@ class _Export:
             "num_val_images": int(len(self.x_val)),
             "calibration_images": int(min(self.config.calibration_images, len(self.x_cal))),
             "max_drop_points": self.config.max_drop, "files": self.verification,
+            "verified_on_photos": self.val_source,
         }
         for name, entry in self.entries:
             w.add(name, entry.pop("role"), **entry)
