@@ -460,3 +460,15 @@ def test_replay_takes_at_most_k_photos_of_every_class_even_when_classes_are_unba
     got = first_per_class(samples, 4)
     assert [s.relpath for s in got] == ["a/0.jpg", "a/1.jpg", "a/2.jpg", "b/0.jpg", "b/1.jpg", "b/2.jpg", "b/3.jpg"]
     assert first_per_class(samples, 0) == []
+
+
+def test_export_says_which_photos_verified_it_and_takes_unseen_ones(tiny_run, tiny_data, tmp_path):
+    from edgetl.export import export_run
+
+    common = dict(targets=["tflite:int8"], roles=("backbone",), max_drop=100.0, calibration_images=8,
+                  replay_per_class=2)
+    r = export_run(tiny_run, tmp_path / "default", **common)
+    assert r["verified_on_photos"].startswith("the run's 12 validation photos (the head was refitted on them too")
+    r = export_run(tiny_run, tmp_path / "unseen", val_dir=str(tiny_data["train"]), **common)
+    assert r["verified_on_photos"] == f"24 photos of {tiny_data['train']} (--val)"
+    assert r["files"][0]["num_images"] == 24
