@@ -269,6 +269,17 @@ def test_device_eval_and_export_round_trip(device_bundle, tmp_path):
     assert ev["accuracy"] == pytest.approx((ev["new_classes"]["accuracy"] + ev["original_classes"]["accuracy"]) / 2)
     r = runner.invoke(cli, [*base, "eval", str(val)])
     assert "new classes: accuracy" in r.output and "original classes: accuracy" in r.output
+    # A version measured while another is active (after a rollback): nothing is activated.
+    trained = json.loads(runner.invoke(cli, [*base, "eval", str(val), "--mode", "head", "--json"]).stdout)
+    assert runner.invoke(cli, [*base, "rollback", "1"]).exit_code == 0
+    r = runner.invoke(cli, [*base, "eval", str(val), "--mode", "head", "--version", str(trained["head_version"]),
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)
+    assert again["accuracy"] == trained["accuracy"] and again["head_version"] == trained["head_version"]
+    r = runner.invoke(cli, [*base, "eval", str(val), "--version", "99"])
+    assert r.exit_code == 1 and "no head version 99" in r.output
+    assert runner.invoke(cli, [*base, "rollback", str(trained["head_version"])]).exit_code == 0
 
     out = tmp_path / "mine"
     r = runner.invoke(cli, [*base, "export", "--out", str(out), "--json"])

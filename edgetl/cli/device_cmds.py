@@ -277,9 +277,11 @@ def predict(ctx, images, top_k, mode, unknown_below, as_json):
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--mode", type=click.Choice(list(MODES)), default="auto", show_default=True,
               help="head: the active head; ncm: nearest class mean; auto: what 'predict' would use.")
-def eval_cmd(ctx, data_dir, mode, as_json):
+@click.option("--version", type=click.IntRange(min=1), default=None,
+              help="Measure this head version (see 'history') instead of the active one; nothing is activated.")
+def eval_cmd(ctx, data_dir, mode, version, as_json):
     """Accuracy on DATA_DIR (one sub-folder per class), for the bundle's classes and the new ones apart."""
-    r = _learner(ctx, readonly=True).evaluate(data_dir, mode=mode)
+    r = _learner(ctx, readonly=True).evaluate(data_dir, mode=mode, version=version)
     if as_json:
         emit_json(r)
         return

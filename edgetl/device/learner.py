@@ -242,7 +242,6 @@ class Learner:
             raise DataError(f"no stored sample with id {sample_id}")
         return {"id": int(sample_id), "label": label, "samples": self.store.counts()}
 
-
     def rename(self, label: str, new_name: str) -> dict:
         """Give a class another name: its samples and (in a new head version) its output."""
         new_name = check_label(new_name, "new name").strip()
@@ -263,19 +262,19 @@ class Learner:
         moved, version = self.store.rename_label(label, new_name, new_head)
         return {"label": label, "name": new_name, "samples": moved, "version": version or head.version}
 
-
     def predict(self, images: list[PhotoLike], top_k: int = 3, mode: str = "auto",
-                unknown_below: float | None = None) -> dict:
+                unknown_below: float | None = None, version: int | None = None) -> dict:
         """Same document as ``edgetl predict --json``, one prediction per image in order.
         ``mode``: head (the active head; its scores temperature-calibrated on the last training's
         held-back photos), ncm (nearest class mean of stored samples and replay, centred features:
         no training needed) or auto (see :meth:`answer_mode`). A photo whose best score is below
-        ``unknown_below`` is answered ``label: null, unknown: true`` (its top labels are still listed)."""
+        ``unknown_below`` is answered ``label: null, unknown: true`` (its top labels are still listed).
+        ``version``: answer with that head version instead of the active one (nothing changes)."""
         if unknown_below is not None and not 0.0 <= unknown_below <= 1.0:
             raise ConfigError(f"unknown_below must be in [0, 1]; received {unknown_below}")
-        used, reason = self.answer_mode(mode)
+        used, reason = self.answer_mode(mode, version)
         ex = self.extractor.extract(list(images))
-        labels, probs = self.scores(ex.features, used)
+        labels, probs = self.scores(ex.features, used, version)
         tops = top_k_labels(probs, labels, top_k) if len(ex.features) else []
         preds = []
         for name, row, error in zip(ex.names, ex.rows, ex.errors):
@@ -286,25 +285,31 @@ class Learner:
             unknown = unknown_below is not None and t[0]["score"] < unknown_below
             preds.append({"file": printable(name), "label": None if unknown else t[0]["label"],
                           "score": t[0]["score"], "top": t, **({"unknown": True} if unknown else {})})
-        out = {"predictions": preds, "mode": used, "head_version": self.store.active_version()}
+        out = {"predictions": preds, "mode": used, "head_version": self._head(version).version}
         if mode == "auto":
             out["mode_reason"] = reason or "the trained head"
         return out
 
-    def scores(self, feats: np.ndarray, mode: str) -> tuple[list[str], np.ndarray]:
+    def _head(self, version: int | None = None):
+        """The active head version, or ``version``."""
+        head = self.store.head(version)
+        if head is None:
+            raise DataError(f"no head version {version}; versions: {[h['version'] for h in self.store.history()]}")
+        return head
+
+    def scores(self, feats: np.ndarray, mode: str, version: int | None = None) -> tuple[list[str], np.ndarray]:
         """The labels and the scores of features under ``mode`` 'head' (temperature-calibrated)
-        or 'ncm' (centred nearest class mean)."""
+        or 'ncm' (centred nearest class mean), for the active head version or ``version``."""
         if mode == "head":
-            head = self.store.head()
+            head = self._head(version)
             t = (head.info.get("temperature") or {}).get("value")
             return head.labels, with_temperature(head_predict(feats, head.layers), t) if len(feats) else np.zeros((0, 1))
-        labels, means = self.class_means()
+        labels, means = self.class_means(version)
         return labels, ncm_predict(feats, means, centre=self.retrainer.centre()) if len(feats) else np.zeros((0, 1))
 
-
-    def class_means(self) -> tuple[list[str], np.ndarray]:
+    def class_means(self, version: int | None = None) -> tuple[list[str], np.ndarray]:
         """Mean feature per class: stored samples and, for the bundle's classes, replay features."""
-        head = self.store.head()
+        head = self._head(version)
         labels = list(head.labels) + [n for n in self.store.counts() if n not in head.labels]
         names = bundle_names(self.bundle, head)
         ts = self.retrainer.training_set(labels, names)  # the replay's class sums are cached
@@ -314,7 +319,6 @@ class Learner:
             raise DataError("no samples to compute class means from; 'add' some photos first")
         means = (self.retrainer.class_sums(labels, ts, names)[present] / counts[present, None]).astype(np.float32)
         return [labels[c] for c in present], means
-
 
     def remove(self, label: str) -> dict:
         """Delete the label's samples and stop predicting it (a new head version; rollback undoes it)."""
@@ -333,21 +337,19 @@ class Learner:
         deleted, version = self.store.remove_label(label, new_head)
         return {"label": label, "samples_deleted": deleted, "version": version or head.version}
 
-
     def history(self) -> list[dict]:
         return self.store.history()
 
-
-    def evaluate(self, data_dir: str | Path, mode: str = "auto") -> dict:
+    def evaluate(self, data_dir: str | Path, mode: str = "auto", version: int | None = None) -> dict:
         """Accuracy of the active head (or NCM, or what ``auto`` picks) on a class folder, split
-        into the bundle's original classes and the classes learned on the device."""
-
-        mode, _ = self.answer_mode(mode)
-        labels = self.labels() if mode == "head" else self.class_means()[0]
+        into the bundle's original classes and the classes learned on the device. ``version``:
+        measure that head version instead of the active one (nothing is activated)."""
+        mode, _ = self.answer_mode(mode, version)
+        labels = list(self._head(version).labels) if mode == "head" else self.class_means(version)[0]
         folder = scan_folder(data_dir, classes=labels)
         if not folder.samples:
             raise DataError(f"{str(data_dir)!r} holds no images of the classes {labels}")
-        r = self.predict([s.path for s in folder.samples], top_k=1, mode=mode)
+        r = self.predict([s.path for s in folder.samples], top_k=1, mode=mode, version=version)
         truth, pred, errors = [], [], []
         for s, p in zip(folder.samples, r["predictions"]):
             if "error" in p:
@@ -356,7 +358,7 @@ class Learner:
             truth.append(s.label)
             pred.append(labels.index(p["label"]))
         report = classification_report(np.array(truth, np.int64), np.array(pred, np.int64), labels)
-        original = set(bundle_names(self.bundle, self.store.head()))
+        original = set(bundle_names(self.bundle, self._head(version)))
 
         def acc(group: set[str]) -> tuple[float | None, int]:
             idx = [i for i, t in enumerate(truth) if labels[t] in group]
@@ -370,7 +372,6 @@ class Learner:
                        "skipped": errors, "model": f"device head version {r['head_version']} ({mode})"})
         return report
 
-
     def rollback(self, version: int | None = None) -> dict:
         """Make an earlier head version active (default: the parent of the active one)."""
         if version is None:
@@ -382,14 +383,13 @@ class Learner:
         head = self.store.head()
         return {"version": head.version, "labels": head.labels}
 
-
-    def answer_mode(self, mode: str = "auto") -> tuple[str, str | None]:
+    def answer_mode(self, mode: str = "auto", version: int | None = None) -> tuple[str, str | None]:
         """Which of head and NCM answers ``mode``, and why (for ``auto``)."""
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(map(repr, MODES))}; received {mode!r}")
         if mode != "auto":
             return mode, None
-        head = self.store.head()
+        head = self._head(version)
         untrained = [n for n in self.store.counts() if n not in head.labels]
         if untrained:
             return "ncm", (f"nearest class mean: {', '.join(map(printable, untrained))} not in the head yet "
@@ -399,7 +399,6 @@ class Learner:
             return "ncm", (f"nearest class mean: it scored {check['ncm']:.3f} against the head's {check['head']:.3f} "
                            f"on {check['photos']} held-back {check['held_back']}")
         return "head", None
-
 
     def metrics(self) -> dict:
         """The active head measured on stored samples it was not trained on.
