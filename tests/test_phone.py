@@ -214,6 +214,8 @@ def test_the_phone_learns_offline_and_syncs_with_the_pi(device_bundle, chromium,
                             "{mode: 'head', top: 10})).top))", page_feats[[0, 10]].tolist())
         synced = _js(d, "edgetl.sync()")
         assert synced["sent"]["stored"] == 20 and _get(origin + "/api/info")[1]["samples"] == {"ants": 10, "bees": 10}
+        # The Pi's head (its bundle's: no ants, no bees) is kept as v3 but not made active.
+        assert synced["version"] == 3 and not synced["activated"] and _js(d, "edgetl.info()")["head_version"] == 2
 
         # Offline: the service worker serves the whole app; the page still loads and predicts.
         _wait(d, lambda d: d.execute_script("return !!navigator.serviceWorker.controller"), what="the service worker")
@@ -226,7 +228,7 @@ def test_the_phone_learns_offline_and_syncs_with_the_pi(device_bundle, chromium,
     d.refresh()
     _ready(d)
     d.find_element("id", "predict-file").send_keys(str(ANTS[15]))
-    _wait(d, lambda d: "v3" in d.find_element("id", "prediction-meta").text, what="an offline prediction")
+    _wait(d, lambda d: "v2" in d.find_element("id", "prediction-meta").text, what="an offline prediction")
 
     # Nothing came from outside the page's own origin.
     foreign = {u for u in _requested(d) if urlparse(u).scheme in ("http", "https")

@@ -423,13 +423,17 @@ class Device {
     const versions = (await this.store.all("heads")).map((h) => h.version);
     const version = Math.max(...versions) + 1;
     const layers = doc.head.layers.map((l) => ({ W: b64.floats(l.W), b: b64.floats(l.b) }));
+    // The Pi's head becomes the active one only if it knows every class this page has learned
+    // (else it is kept as a version to roll back to: syncing never silently forgets a class).
+    const mine = (await this.head()).labels;
+    const activate = mine.every((l) => doc.head.labels.includes(l));
     await this.store.tx(["samples", "heads", "meta"], "readwrite", async (t) => {
       for (const s of fresh) t.objectStore("samples").add({ label: s.label, feature: b64.floats(s.feature), digest: s.digest, source: s.source, thumb: null, added: Date.now() });
       t.objectStore("heads").put({ version, labels: doc.head.labels, layers, created: Date.now(),
         info: { ...doc.head.info, origin: "pi", pi_version: doc.head.version } });
-      t.objectStore("meta").put(version, "active");
+      if (activate) t.objectStore("meta").put(version, "active");
     });
-    return { sent: pushed, received: fresh.length, version };
+    return { sent: pushed, received: fresh.length, version, activated: activate };
   }
 }
 

@@ -114,7 +114,8 @@ function wire() {
   $("sync").onclick = async () => {
     try {
       const r = await edgetl.sync({ token: $("token").value || null });
-      say("sync-result", `sent ${r.sent.stored} new photos' features, received ${r.received}; the Pi's head is v${r.version} here`);
+      say("sync-result", `sent ${r.sent.stored} new photos' features, received ${r.received}; the Pi's head is v${r.version} here`
+        + (r.activated ? "" : " (kept inactive: it does not know every class learned here; train the Pi, then sync again)"));
     } catch (e) { say("sync-result", e.message, true); }
     await refresh();
   };
