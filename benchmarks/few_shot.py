@@ -26,7 +26,9 @@ measured on all of hymenoptera/val and old-class accuracy on flowers/test (500),
 
 Then, through the device's own ``Learner`` (a temporary store per draw, the defaults): ants +
 bees, and each flower class removed from the bundle and learned back from k photos, scored as
-nearest class mean, head and ``auto`` (what ``device predict`` answers with).
+nearest class mean, head and ``auto`` (what ``device predict`` answers with), after training and
+between 'add' and 'train' (the photos stored, no training yet: ``auto`` is then the head for its
+classes and class means for the new ones).
 
 Prints the tables, writes benchmarks/results/few_shot.json.
 """
@@ -95,15 +97,22 @@ def through_learner(bundle: Path, seeds: int, ks: tuple[int, ...] = (1, 5, 10), 
                             pick = rng.choice(len(pool), k, replace=False)
                             learner.store.add(pool[pick], label, [f"{label}-{i}" for i in pick],
                                               [f"{label}-{i}-{seed}" for i in pick])
-                        r = learner.train(cfg, force=force)
-                        auto = learner.answer_mode("auto")[0]
-                        for key, mode in (("ncm", "ncm"), ("head", "head"), ("auto", auto)):
+                        def score(key: str, mode: str, learner=learner, acc=acc, new_test=new_test,
+                                  old_test=old_test) -> None:
                             for group, sets in (("new", new_test), ("old", old_test)):
                                 xs = np.concatenate(list(sets.values()))
                                 truth = [c for c, x in sets.items() for _ in range(len(x))]
                                 names, probs = learner.scores(xs, mode)
                                 hit = [names[j] == t for j, t in zip(probs.argmax(1), truth)]
                                 acc.setdefault(f"{key} {group}", []).append(float(np.mean(hit)))
+
+                        # Between 'add' and 'train': what 'auto' answers then, and class means alone.
+                        score("before auto", learner.answer_mode("auto")[0])
+                        score("before ncm", "ncm")
+                        r = learner.train(cfg, force=force)
+                        auto = learner.answer_mode("auto")[0]
+                        for key, mode in (("ncm", "ncm"), ("head", "head"), ("auto", auto)):
+                            score(key, mode)
                         acc.setdefault("auto is head", []).append(float(auto == "head"))
                         acc.setdefault("bias", []).append((r.get("new_class_bias") or {}).get("bias", 0.0))
                     finally:
@@ -258,6 +267,10 @@ def print_learner_table(learner_rows: list[dict], args) -> None:
                 [[r["scenario"], r["photos_per_class"], *[f"{r[f'{m} {g}']:.3f}" for m in ("ncm", "head", "auto")
                                                           for g in ("new", "old")],
                   f"{r['auto is head']:.2f}", f"{r['bias']:.2f}"] for r in learner_rows]))
+    print("\nbetween 'add' and 'train' (the new photos stored, no training yet), accuracy on new / old classes:")
+    print(table(["scenario", "k", "NCM new", "NCM old", "auto new", "auto old"],
+                [[r["scenario"], r["photos_per_class"], *[f"{r[f'before {m} {g}']:.3f}" for m in ("ncm", "auto")
+                                                          for g in ("new", "old")]] for r in learner_rows]))
     for k in sorted({r["photos_per_class"] for r in learner_rows}):
         at_k = [r for r in learner_rows if r["photos_per_class"] == k]
         print(f"k={k}: mean over scenarios, head new {np.mean([r['head new'] for r in at_k]):.3f}, "

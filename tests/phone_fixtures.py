@@ -53,6 +53,7 @@ def write_learner_fixture(bundle: Path, out: Path, k: int = 10) -> dict:
         probe, _, _, _ = learner.features(ANTS[k : k + 6] + BEES[k : k + 6])
         probs = learner.scores(probe, "head")[1]
         ncm_labels, ncm = learner.scores(probe, "ncm")
+        mixed_labels, mixed = learner.scores(probe, "head+ncm", version=first.version)  # before 'train'
         _f32(out / "replay.f32", feats)
         np.asarray(labels, "<i4").tofile(out / "replay_labels.i32")
         _f32(out / "basis.f32", sub.basis)
@@ -65,13 +66,15 @@ def write_learner_fixture(bundle: Path, out: Path, k: int = 10) -> dict:
         _f32(out / "probe.f32", probe)
         _f32(out / "probe_probs.f32", probs)
         _f32(out / "probe_ncm.f32", ncm)
+        _f32(out / "probe_mixed.f32", mixed)
         doc = {"bundle_labels": learner.bundle.labels, "feature_dim": learner.bundle.feature_dim,
                "digest": learner.bundle.digest, "samples": [{"id": i, "label": s} for i, s in zip(sids, slabels)],
                "head1": {"version": first.version, "labels": first.labels, "info": first.info},
                "result": {"labels": r["labels"], "new_class_bias": r.get("new_class_bias"),
                           "temperature": r.get("temperature"), "ncm_check": r.get("ncm_check"),
                           "solver": r.get("solver"), "activated": r["activated"]},
-               "probe_count": int(len(probe)), "ncm_labels": ncm_labels}
+               "probe_count": int(len(probe)), "ncm_labels": ncm_labels,
+               "mixed_labels": mixed_labels}
         (out / "learner.json").write_text(json.dumps(doc))
         return doc
     finally:

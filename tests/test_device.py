@@ -26,7 +26,7 @@ from edgetl.head import ncm_predict, train_head
 from edgetl.head.fit import loss_and_grads
 from edgetl.head.solver import class_weights
 
-from .helpers import FLOWERS, HYMENOPTERA
+from .helpers import FLOWERS, HYMENOPTERA, TINY_CLASSES
 from .helpers import ROOT as ROOT_DIR
 
 pytestmark = pytest.mark.device
@@ -692,11 +692,23 @@ def test_a_renamed_bundle_class_keeps_training_on_its_replay_features(learner):
     assert again["labels"][0] == first and again["replay"] == before["replay"] and "bundle_names" not in again
 
 
-def test_auto_mode_answers_with_class_means_until_the_head_knows_every_class(learner):
+def test_auto_mode_keeps_the_head_for_its_classes_until_it_knows_every_class(learner):
     learner.add(ANTS[:6], "ants")
     before = learner.predict(ANTS[6:8])
-    assert before["mode"] == "ncm" and "ants" in before["mode_reason"] and "not in the head yet" in before["mode_reason"]
+    assert before["mode"] == "head+ncm" and "ants" in before["mode_reason"] and "not in the head yet" in before["mode_reason"]
     assert {t["label"] for p in before["predictions"] for t in p["top"]} <= set(learner.labels()) | {"ants"}
+    # Class means decide between ants and the head's classes as a group; the head shares its
+    # group's share among its classes in its own proportions (so it keeps its own answers).
+    head_labels = list(learner.store.head().labels)
+    flowers = [sorted((FLOWERS / "test" / c).glob("*.jpg"))[0] for c in TINY_CLASSES]
+    feats = learner.features(ANTS[6:10] + flowers)[0]
+    labels, mixed = learner.scores(feats, "head+ncm")
+    _, head = learner.scores(feats, "head")
+    assert labels == head_labels + ["ants"]
+    np.testing.assert_allclose(mixed.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(mixed[:, :-1], head * (1 - mixed[:, -1:]), atol=1e-6)
+    assert (mixed[:4].argmax(1) == len(head_labels)).sum() >= 3  # the stored class is found
+    assert (mixed[4:].argmax(1) == head[4:].argmax(1)).all()  # the flowers keep the head's answer
     assert learner.predict(ANTS[6:8], mode="head")["mode"] == "head"  # asked for: the head, without ants
     r = learner.train()
     check = r["ncm_check"]

@@ -109,10 +109,10 @@ def test_add_train_predict_rollback_through_the_api(client, device_bundle):
     assert h["active"] == 2 and [v["version"] for v in h["versions"]] == [1, 2]
     assert client.post("/api/rollback", json={"version": 1}).json()["version"] == 1
     assert client.get("/api/info").json()["head_version"] == 1
-    # The head asked for is the rolled-back one; 'auto' would answer with class means (ants are stored).
+    # The head asked for is the rolled-back one; 'auto' adds class means for ants (stored, not in it).
     assert client.post("/api/predict", params={"mode": "head"}, files=_files([ANTS[9]], "file")).json()["label"] in original
     auto = client.post("/api/predict", files=_files([ANTS[9]], "file")).json()
-    assert auto["mode"] == "ncm" and "ants" in auto["mode_reason"]
+    assert auto["mode"] == "head+ncm" and "ants" in auto["mode_reason"]
     assert client.get("/api/metrics").json()["version"] == 1  # the bundle's head on every stored photo
     assert client.post("/api/rollback", json={"version": 2}).status_code == 200
 

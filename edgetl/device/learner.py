@@ -26,7 +26,7 @@ from ..errors import ConfigError, DataError, StoreError
 from ..head.arrays import head_predict
 from ..head.calibration import with_temperature
 from ..head.fit import HeadTrainConfig, drop_classes
-from ..head.ncm import ncm_predict
+from ..head.ncm import head_with_new_means, ncm_predict
 from ..labels import check_label, printable, storable
 from ..metrics import classification_report
 from ..metrics import top_k as top_k_labels
@@ -37,9 +37,11 @@ from .features import Extracted, FeatureExtractor, PhotoLike
 from .retrain import Retrainer, TrainingSet, bundle_names, carry_names, heldout_report
 from .store import SampleStore
 
-# auto: nearest class mean while some stored class is not in the head yet, or when it beat the
-# head on the last training's held-back photos; the head otherwise.
+# auto: while some stored class is not in the head yet, the head for its classes and nearest class
+# mean for the new ones ("head+ncm"); nearest class mean when it beat the head on the last
+# training's held-back photos; the head otherwise.
 MODES = ("auto", "head", "ncm")
+HEAD_AND_NEW = "head+ncm"
 TRAINERS = ("numpy", "tflite")
 
 
@@ -298,14 +300,30 @@ class Learner:
         return head
 
     def scores(self, feats: np.ndarray, mode: str, version: int | None = None) -> tuple[list[str], np.ndarray]:
-        """The labels and the scores of features under ``mode`` 'head' (temperature-calibrated)
-        or 'ncm' (centred nearest class mean), for the active head version or ``version``."""
-        if mode == "head":
+        """The labels and the scores of features under ``mode`` 'head' (temperature-calibrated),
+        'ncm' (centred nearest class mean) or 'head+ncm' (the head for its classes, class means for
+        stored classes not in it yet), for the active head version or ``version``."""
+        if mode in ("head", HEAD_AND_NEW):
             head = self._head(version)
             t = (head.info.get("temperature") or {}).get("value")
-            return head.labels, with_temperature(head_predict(feats, head.layers), t) if len(feats) else np.zeros((0, 1))
+            probs = with_temperature(head_predict(feats, head.layers), t) if len(feats) else np.zeros((0, len(head.labels)))
+            if mode == "head":
+                return head.labels, probs
+            labels, means = self.class_means(version)
+            return head_with_new_means(probs, head.labels, ncm_predict(feats, means, centre=self.retrainer.centre())
+                                       if len(feats) else np.zeros((0, len(labels))), labels)
         labels, means = self.class_means(version)
         return labels, ncm_predict(feats, means, centre=self.retrainer.centre()) if len(feats) else np.zeros((0, 1))
+
+    def _answer_labels(self, mode: str, version: int | None = None) -> list[str]:
+        """The labels that ``scores`` answers with under ``mode`` (resolved, not 'auto')."""
+        head_labels = list(self._head(version).labels)
+        if mode == "head":
+            return head_labels
+        means_labels = self.class_means(version)[0]
+        if mode == HEAD_AND_NEW:
+            return head_labels + [n for n in means_labels if n not in head_labels]
+        return means_labels
 
     def class_means(self, version: int | None = None) -> tuple[list[str], np.ndarray]:
         """Mean feature per class: stored samples and, for the bundle's classes, replay features."""
@@ -345,7 +363,7 @@ class Learner:
         into the bundle's original classes and the classes learned on the device. ``version``:
         measure that head version instead of the active one (nothing is activated)."""
         mode, _ = self.answer_mode(mode, version)
-        labels = list(self._head(version).labels) if mode == "head" else self.class_means(version)[0]
+        labels = self._answer_labels(mode, version)
         folder = scan_folder(data_dir, classes=labels)
         if not folder.samples:
             raise DataError(f"{str(data_dir)!r} holds no images of the classes {labels}")
@@ -392,8 +410,8 @@ class Learner:
         head = self._head(version)
         untrained = [n for n in self.store.counts() if n not in head.labels]
         if untrained:
-            return "ncm", (f"nearest class mean: {', '.join(map(printable, untrained))} not in the head yet "
-                           "('train' makes one)")
+            return HEAD_AND_NEW, (f"the head for its classes, nearest class mean for {', '.join(map(printable, untrained))}"
+                                  " (not in the head yet; 'train' makes one)")
         check = head.info.get("ncm_check")
         if check and check["ncm"] > check["head"]:
             return "ncm", (f"nearest class mean: it scored {check['ncm']:.3f} against the head's {check['head']:.3f} "

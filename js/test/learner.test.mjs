@@ -90,3 +90,18 @@ test("nearest class mean gives the Python learner's scores", { skip }, () => {
   for (let i = 0; i < mine.length; i++) worst = Math.max(worst, Math.abs(mine[i] - theirs[i]));
   assert.ok(worst <= 1e-4, `largest difference ${worst}`);
 });
+
+test("before 'train', the head and the new classes' means give the Python learner's scores", { skip }, () => {
+  const doc = JSON.parse(readFileSync(join(dir, "learner.json"), "utf8"));
+  const n = doc.probe_count, head1 = doc.head1, C = head1.labels.length, d = doc.feature_dim;
+  const layers = [linear(f32("head1.f32"), d, C)];
+  const t = head1.info.temperature ? head1.info.temperature.value : null;
+  const headProbs = L.withTemperature(L.headPredict(f32("probe.f32"), n, layers), n, C, t);
+  const { labels, probs } = L.headWithNewMeans(headProbs, head1.labels, f32("probe_ncm.f32"), doc.ncm_labels, n);
+  assert.deepEqual(labels, doc.mixed_labels);
+  const theirs = f32("probe_mixed.f32");
+  let worst = 0;
+  for (let i = 0; i < probs.length; i++) worst = Math.max(worst, Math.abs(probs[i] - theirs[i]));
+  assert.ok(worst <= 1e-4, `largest difference ${worst}`);
+  assert.equal(L.answerMode("auto", head1, ["ants"])[0], L.HEAD_AND_NEW);
+});

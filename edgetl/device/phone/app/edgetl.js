@@ -351,11 +351,15 @@ class Device {
     return { labels: present.map((c) => labels[c]), means };
   }
 
-  /** Scores of features x (n x d) under mode 'head' (temperature-calibrated) or 'ncm'. */
+  /** Scores of features x (n x d) under mode 'head' (temperature-calibrated), 'ncm' or 'head+ncm'. */
   async scores(x, n, mode, head) {
-    if (mode === "head") {
+    if (mode === "head" || mode === L.HEAD_AND_NEW) {
       const t = head.info.temperature ? head.info.temperature.value : null;
-      return { labels: head.labels, probs: L.withTemperature(L.headPredict(x, n, head.layers), n, head.labels.length, t) };
+      const probs = L.withTemperature(L.headPredict(x, n, head.layers), n, head.labels.length, t);
+      if (mode === "head") return { labels: head.labels, probs };
+      const { labels, means } = await this.classMeans(head);
+      const ncm = L.ncmPredict(x, n, this.meta.feature_dim, means, labels.length, this.centre());
+      return L.headWithNewMeans(probs, head.labels, ncm, labels, n);
     }
     const { labels, means } = await this.classMeans(head);
     return { labels, probs: L.ncmPredict(x, n, this.meta.feature_dim, means, labels.length, this.centre()) };

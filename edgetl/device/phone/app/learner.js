@@ -748,11 +748,31 @@ function answerChecks(head, x, k, y, backIdx, sums, d, rowAt, centre, what) {
   };
 }
 
+/** What answers while some stored class is not in the head yet (Learner.answer_mode). */
+export const HEAD_AND_NEW = "head+ncm";
+
+/** Scores over the head's classes and the stored classes not in it yet (head_with_new_means of
+ * head/ncm.py): class means decide between the new classes and the head's classes as a group, and
+ * the head shares the group's probability among its own classes. */
+export function headWithNewMeans(headProbs, headLabels, ncmProbs, ncmLabels, n) {
+  const C = headLabels.length, m = ncmLabels.length;
+  const fresh = ncmLabels.map((_, j) => j).filter((j) => !headLabels.includes(ncmLabels[j]));
+  const width = C + fresh.length, probs = new Float32Array(n * width);
+  for (let i = 0; i < n; i++) {
+    let newMass = 0;
+    fresh.forEach((j, u) => { newMass += ncmProbs[i * m + j]; probs[i * width + C + u] = ncmProbs[i * m + j]; });
+    for (let c = 0; c < C; c++) probs[i * width + c] = headProbs[i * C + c] * (1 - newMass);
+  }
+  return { labels: [...headLabels, ...fresh.map((j) => ncmLabels[j])], probs };
+}
+
 /** Which of head and NCM answers `mode`, and why (Learner.answer_mode). */
 export function answerMode(mode, head, storedLabels) {
   if (mode !== "auto") return [mode, null];
   const untrained = storedLabels.filter((l) => !head.labels.includes(l));
-  if (untrained.length) return ["ncm", `nearest class mean: ${untrained.join(", ")} not in the head yet (train makes one)`];
+  if (untrained.length) {
+    return [HEAD_AND_NEW, `the head for its classes, nearest class mean for ${untrained.join(", ")} (not in the head yet; train makes one)`];
+  }
   const check = head.info && head.info.ncm_check;
   if (check && check.ncm > check.head) {
     return ["ncm", `nearest class mean: it scored ${check.ncm.toFixed(3)} against the head's ${check.head.toFixed(3)} on ${check.photos} held-back ${check.held_back}`];
