@@ -25,25 +25,66 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_history(rows: list[dict], path: str | Path) -> None:
+def plot_history(rows: list[dict], path: str | Path, head_training: dict | None = None) -> None:
+    """What training did: the epochs of gradient training (loss and accuracy per epoch, with
+    the fine-tuning stage marked) and, for the default solver (one exact fit, no epochs), its
+    choice of L2: the cross-validated accuracy of every L2 tried, with its standard error."""
     plt = _figure()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    epochs = [r["epoch"] for r in rows]
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        for key, style in ((metric, "-o"), (f"val_{metric}", "-s")):
-            ys = [r.get(key) for r in rows]
-            if any(y is not None for y in ys):
-                ax.plot(epochs, [y if y is not None else float("nan") for y in ys], style, ms=3, label=key)
-        ft = [r["epoch"] for r in rows if r["stage"] == "fine_tune"]
-        if ft:
-            ax.axvline(ft[0] - 0.5, color="grey", ls="--", lw=1)
-            ax.text(ft[0] - 0.4, ax.get_ylim()[1], "fine-tune", va="top", fontsize=8, color="grey")
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    solver = (head_training or {}).get("solver") == "lbfgs"
+    cv = (head_training or {}).get("cv") if solver else None
+    epoch_rows = [r for r in rows if not (solver and r["stage"] == "head")]
+    panels = (["loss", "accuracy"] if epoch_rows else []) + (["cv"] if cv else [])
+    if not panels:  # an L2 given by the user and no epochs: one solve, nothing to draw over time
+        panels = ["solve"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "cv":
+            _plot_cv(ax, cv, head_training)
+        elif panel == "solve":
+            _plot_solve(ax, head_training or {}, rows)
+        else:
+            _plot_epochs(ax, epoch_rows, panel)
     _save(fig, Path(path))
     plt.close(fig)
+
+
+def _plot_epochs(ax, rows: list[dict], metric: str) -> None:
+    epochs = [r["epoch"] for r in rows]
+    for key, style in ((metric, "-o"), (f"val_{metric}", "-s")):
+        ys = [r.get(key) for r in rows]
+        if any(y is not None for y in ys):
+            ax.plot(epochs, [y if y is not None else float("nan") for y in ys], style, ms=3, label=key)
+    ft = [r["epoch"] for r in rows if r["stage"] == "fine_tune"]
+    if ft:
+        ax.axvline(ft[0] - 0.5, color="grey", ls="--", lw=1)
+        ax.text(ft[0] - 0.4, ax.get_ylim()[1], "fine-tune", va="top", fontsize=8, color="grey")
+    ax.set_xlabel("epoch")
+    ax.set_title(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_cv(ax, cv: list[dict], head_training: dict) -> None:
+    l2 = [c["l2"] for c in cv]
+    ax.errorbar(l2, [c["cv_accuracy"] for c in cv], yerr=[c["stderr"] for c in cv], fmt="-o", ms=3, capsize=3,
+                label="cross-validated accuracy (± 1 s.e.)")
+    chosen = head_training.get("l2")
+    if chosen is not None:
+        ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"chosen L2 = {chosen:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("L2")
+    ax.set_title("head: L2 chosen by cross-validation", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_solve(ax, head_training: dict, rows: list[dict]) -> None:
+    last = rows[-1] if rows else {}
+    lines = [f"head solved exactly (L-BFGS) at L2 = {head_training.get('l2', '?')}",
+             f"{head_training.get('iterations', '?')} iterations, converged: {head_training.get('converged', '?')}"]
+    lines += [f"{k} = {last[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if last.get(k) is not None]
+    ax.text(0.02, 0.95, "\n".join(lines), va="top", fontsize=9, transform=ax.transAxes)
+    ax.set_axis_off()
 
 
 def plot_confusion(cm: list[list[int]], labels: list[str], path: str | Path, title: str = "validation") -> None:

@@ -448,6 +448,6 @@ def _write_run(out: Path, cfg: TrainConfig, summary: dict, classifier, layers, h
     atomic_write_json(out / "metrics.json", metrics)
     from .plots import plot_confusion, plot_history
 
-    plot_history(history_rows, out / "training_curves.png")
+    plot_history(history_rows, out / "training_curves.png", summary.get("head_training"))
     plot_confusion(report["confusion_matrix"], summary["classes"], out / "confusion_matrix.png")
     atomic_write_json(out / "run.json", _run_json(summary, tr, va))
