@@ -5,6 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % (z = 1.96) Wilson score interval of an accuracy of ``correct`` out of ``n``: how
+    uncertain a figure measured on a few photos is (4 photos, 2 right: 0.15-0.85)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows are true classes, columns predicted classes."""
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)

@@ -25,6 +25,7 @@ from ..head.fit import HeadTrainConfig, add_classes, drop_classes, resolve_optim
 from ..head.ncm import ncm_nearest
 from ..head.solver import Subspace, one_blas_thread
 from ..head.tflite import config_for, train_with_tflite
+from ..metrics import wilson_interval
 from .store import HeadVersion, SampleStore
 
 Progress = Callable[[float], None]
@@ -60,8 +61,10 @@ def heldout_report(layers: Layers, x: np.ndarray, y: np.ndarray, ids: np.ndarray
     np.add.at(confusion, (y, pred), 1)
     wrong = [{"id": int(i), "label": labels[t], "predicted": labels[p]}
              for i, t, p in zip(ids, y, pred) if t != p]
+    low, high = wilson_interval(int((pred == y).sum()), len(y))
     return {"available": True, "labels": list(labels), "samples": int(len(y)),
-            "accuracy": float((pred == y).mean()), "confusion": confusion.tolist(), "misclassified": wrong}
+            "accuracy": float((pred == y).mean()), "interval_95": [round(low, 4), round(high, 4)],
+            "confusion": confusion.tolist(), "misclassified": wrong}
 
 
 def start_old_classes(layers: Layers, reference: dict, old: list[int]) -> Layers:

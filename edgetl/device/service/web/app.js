@@ -116,7 +116,11 @@ async function renderCards() {
     }
     const n = state.info.samples[name] || 0;
     const inHead = state.info.labels.includes(name);
-    $(".count", card).textContent = `${n} photo${n === 1 ? "" : "s"}` + (inHead ? "" : " · not trained yet");
+    // A class of the bundle with no photo stored here: it was learned on the workstation.
+    $(".count", card).textContent = n === 0 && inHead ? "from the bundle · no photos stored here"
+      : `${n} photo${n === 1 ? "" : "s"}` + (inHead ? "" : " · not trained yet");
+    $(".delete", card).title = n === 0 && inHead ? "stop predicting this class (a rollback brings it back)"
+      : "delete this class and its photos";
     const thumbs = $(".thumbs", card);
     const shown = (byLabel[name] || []).slice(0, 12);
     const ids = shown.map((s) => String(s.id)).join(",");
@@ -376,8 +380,7 @@ async function followJob(id) {
       if (j.state === "done") {
         const r = j.result;
         const held = r.heldout && r.heldout.available
-          ? ` · ${(100 * r.heldout.accuracy).toFixed(0)} % right on ${r.heldout.samples} held-back photos`
-          : "";
+          ? ` · ${rightOn(r.heldout.accuracy, r.heldout.samples, "held-back photos")}` : "";
         $("#job-state").textContent = r.activated === false
           ? `version ${r.version} kept but not used: ${r.candidate} (History: Use activates it)`
           : `done: version ${r.version}, ${r.labels.length} classes, ${r.num_samples} samples, ` +
@@ -427,6 +430,21 @@ async function renderHistory() {
   }
 }
 
+/** 95 % Wilson score interval of an accuracy measured on n photos (edgetl.metrics.wilson_interval). */
+function wilson(acc, n, z = 1.96) {
+  if (!n) return [0, 1];
+  const centre = (acc + (z * z) / (2 * n)) / (1 + (z * z) / n);
+  const half = (z * Math.sqrt((acc * (1 - acc)) / n + (z * z) / (4 * n * n))) / (1 + (z * z) / n);
+  return [Math.max(0, centre - half), Math.min(1, centre + half)];
+}
+
+/** "75 % right on 12 photos (too few to say much: 47-91 %)": an accuracy with how sure it is. */
+function rightOn(acc, n, what) {
+  const [lo, hi] = wilson(acc, n).map((v) => (100 * v).toFixed(0));
+  const range = n < 30 ? `too few to say much: somewhere in ${lo}-${hi} %` : `95 % interval ${lo}-${hi} %`;
+  return `${(100 * acc).toFixed(0)} % right on ${n} ${what} (${range})`;
+}
+
 async function renderMetrics() {
   const m = await api("/api/metrics");
   const box = $("#confusion-box"), mistakes = $("#mistakes");
@@ -434,7 +452,7 @@ async function renderMetrics() {
   mistakes.replaceChildren();
   if (!m.available) { $("#metrics-summary").textContent = m.reason; return; }
   $("#metrics-summary").textContent =
-    `version ${m.version}: ${(100 * m.accuracy).toFixed(1)} % right on ${m.samples} stored photos it did not train on ` +
+    `version ${m.version}: ${rightOn(m.accuracy, m.samples, "stored photos it did not train on")} ` +
     "(rows: true class, columns: predicted)";
   const used = m.labels.map((_, i) => m.confusion[i].some((v) => v) || m.confusion.some((row) => row[i]));
   const idx = m.labels.map((_, i) => i).filter((i) => used[i]);
