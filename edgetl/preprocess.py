@@ -179,6 +179,22 @@ def decode_image(data: bytes, name: str = "<bytes>", size: int | None = None) ->
         raise DataError(f"{name}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
+def decoded_pixels(data: bytes, size: int | None = None) -> int:
+    """How many pixels :func:`decode_image` would decode ``data`` to (a JPEG at its reduced DCT
+    scale), read from the header alone; 0 when the bytes are no image it accepts (decoding them
+    then gives the error). Lets a caller bound what a request may cost before any decoding."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
+            if size is not None and img.format == "JPEG":
+                img.draft(None, (size, size))
+            w, h = img.size
+            return int(w) * int(h)
+    except Exception:  # any header a decoder rejects: decode_image says why
+        return 0
+
+
 def read_file_bytes(path: str | Path) -> tuple[bytes, str]:
     """A file's bytes and their sha256 (the key of feature caches and duplicate checks)."""
     p = Path(path)

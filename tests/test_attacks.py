@@ -220,3 +220,34 @@ def test_a_damaged_store_is_refused_before_it_is_used(device_bundle, tmp_path):
     for readonly in (False, True):
         with pytest.raises(StoreError, match="is damaged"):
             Learner.open(device_bundle, store=store, threads=1, readonly=readonly)
+
+
+@pytest.mark.device
+def test_a_request_has_a_decode_budget_counted_from_the_headers(device_bundle, tmp_path):
+    """Huge images of a few KB each cannot hold the learner: the photos past the request's decode
+    budget (pixels read from their headers, a JPEG at its reduced scale) are refused with 413
+    before any decoding; the ones within it are stored."""
+    import io
+
+    from PIL import Image
+
+    from edgetl.device.service import Limits
+    from edgetl.preprocess import decoded_pixels
+
+    buf = io.BytesIO()
+    Image.new("RGB", (5000, 5000), (20, 120, 30)).save(buf, "PNG")
+    huge = buf.getvalue()
+    assert len(huge) < 200_000 and decoded_pixels(huge) == 25_000_000
+    assert decoded_pixels(b"not an image") == 0
+    limits = Limits(max_request_pixels=30_000_000)
+    with TestClient(_app(device_bundle, tmp_path / "s.sqlite", limits=limits)) as c:
+        files = [("files", (ANTS[0].name, ANTS[0].read_bytes(), "image/jpeg"))] + [
+            ("files", (f"huge-{i}.png", huge, "image/png")) for i in range(3)]
+        r = c.post("/api/samples", data={"label": "ants"}, files=files)
+        assert r.status_code == 200, r.text
+        got = r.json()["files"]
+        assert "id" in got[0] and "id" in got[1], got
+        for f in got[2:]:
+            assert "25.0 MP to decode, past this request's budget of 30 MP" in f["error"], f
+        alone = c.post("/api/samples", data={"label": "ants"}, files=files[2:3])  # a new request, a new budget
+        assert alone.status_code == 201 and alone.json()["files"][0].get("duplicate"), alone.text

@@ -259,8 +259,9 @@ def train(ctx, epochs, learning_rate, batch_size, optimizer, subspace_dim, l2, n
               help="How many of the best labels to show per image.")
 @click.option("--mode", type=click.Choice(list(MODES)), default="auto", show_default=True,
               help="head: the trained head (scores calibrated on held-back photos); ncm: nearest class mean of "
-                   "stored samples and replay (no training needed); auto: ncm while a stored class is not in the "
-                   "head yet or when it beat the head on the last training's held-back photos, else head.")
+                   "stored samples and replay (no training needed); auto: while a stored class is not in the head "
+                   "yet, the head for its classes and class means for the new ones; ncm when it beat the head on "
+                   "the last training's held-back photos; else head.")
 @click.option("--unknown-below", type=click.FloatRange(0, 1), default=None,
               help="Answer 'unknown' for a photo whose best score is below this (e.g. 0.5); its best guesses are "
                    "still listed.")
@@ -268,7 +269,7 @@ def predict(ctx, images, top_k, mode, unknown_below, as_json):
     """Classify IMAGES (files, folders or glob patterns) with the active head or nearest class mean."""
     r = _learner(ctx, readonly=True).predict([str(i) for i in expand_images(list(images))], top_k=top_k, mode=mode,
                                              unknown_below=unknown_below)
-    if not as_json and r.get("mode_reason") and r["mode"] == "ncm":
+    if not as_json and r.get("mode_reason") and r["mode"] != "head":
         click.echo(f"answered by {r['mode_reason']}", err=True)
     report_predictions(r, as_json)
 
@@ -450,10 +451,14 @@ def _token_for(store: Path, host: str, given: str | None) -> tuple[str | None, s
               show_default=True, help="Largest photo accepted per upload.")
 @click.option("--max-files", type=click.IntRange(min=1), default=_LIMITS.max_files, show_default=True,
               help="Most photos accepted per upload request.")
+@click.option("--max-request-mp", type=click.FloatRange(min=1), default=_LIMITS.max_request_pixels / 1e6,
+              show_default=True, help="Decode budget of one request, in megapixels (a JPEG counts at the reduced "
+                                      "scale it is decoded at: a 12 MP phone photo costs 0.19 MP); photos past it "
+                                      "are refused with 413 before decoding.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A name this device is reached by (Host header), besides its addresses, localhost and its "
                    "hostname: requests naming any other host are refused (DNS rebinding). Repeatable.")
-def serve(ctx, host, port, token, certfile, keyfile, max_file_mb, max_files, allowed_hosts):
+def serve(ctx, host, port, token, certfile, keyfile, max_file_mb, max_files, max_request_mp, allowed_hosts):
     """Serve the HTTP API and the web page that teaches this device from a phone.
 
     \b
@@ -489,7 +494,8 @@ def serve(ctx, host, port, token, certfile, keyfile, max_file_mb, max_files, all
         return Learner.open(o["bundle"], store=store, backend=o["backend"], precision=o["precision"],
                             threads=o["threads"], trainer=o["trainer"])
 
-    limits = Limits(max_file_bytes=int(max_file_mb * 1024 * 1024), max_files=max_files)
+    limits = Limits(max_file_bytes=int(max_file_mb * 1024 * 1024), max_files=max_files,
+                    max_request_pixels=int(max_request_mp * 1e6))
     app = create_app(open_learner, token=token, limits=limits, bind=host, allowed_hosts=tuple(allowed_hosts),
                      on_stop=lambda: click.echo("edgetl: stopped; the sample store is closed"))
     scheme = "https" if certfile else "http"

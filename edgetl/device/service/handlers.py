@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from ... import __version__, package_versions
 from ...errors import DataError
 from ...labels import printable
+from ...preprocess import decoded_pixels
 from ..features import Photo
 from ..learner import MODES
 from ..phone.sync import import_state, state_for_page
@@ -93,9 +94,11 @@ class _BoundedParts(MultiPartParser):
         super().on_part_data(data, start, end)
 
 
-async def _photos(uploads, limits: Limits) -> list[Photo | dict]:
-    """Each upload as a :class:`Photo`, or ``{file, error, status}`` when it is empty or too large."""
+async def _photos(uploads, limits: Limits, size: int) -> list[Photo | dict]:
+    """Each upload as a :class:`Photo`, or ``{file, error, status}`` when it is empty, too large,
+    or past the request's decode budget (pixels read from the headers, before any decoding)."""
     out: list[Photo | dict] = []
+    spent = 0
     for i, up in enumerate(uploads):
         name = printable(os.path.basename(up.filename or "") or f"upload-{i + 1}")
         data = await up.read(limits.max_file_bytes + 1)
@@ -104,7 +107,13 @@ async def _photos(uploads, limits: Limits) -> list[Photo | dict]:
                         "status": 413})
         elif not data:
             out.append({"file": name, "error": "empty file; expected a photo (JPEG, PNG, ...)", "status": 400})
+        elif spent + (cost := decoded_pixels(data, size)) > limits.max_request_pixels:
+            out.append({"file": name, "status": 413,
+                        "error": f"{cost / 1e6:.1f} MP to decode, past this request's budget of "
+                                 f"{limits.max_request_pixels / 1e6:g} MP ({spent / 1e6:.1f} MP already taken by the "
+                                 "photos before it); send it in another request, or smaller"})
         else:
+            spent += cost
             out.append(Photo(name, data))
     return out
 
@@ -154,7 +163,7 @@ async def add_samples(request):
     if not uploads:
         raise HTTPProblem(400, "no photos: send them as multipart file field(s) 'files'")
     new_class = form.get("new_class") in ("1", "true", "yes")
-    items = await _photos(uploads, svc.limits)
+    items = await _photos(uploads, svc.limits, svc.learner.bundle.preprocessing.size)
     photos = [p for p in items if isinstance(p, Photo)]
     stored = []
     if photos:
@@ -275,7 +284,7 @@ async def predict(request):
     uploads = [u for u in form.getlist("file") + form.getlist("files") if not isinstance(u, str)]
     if len(uploads) != 1:
         raise HTTPProblem(400, f"expected one photo in the multipart field 'file'; received {len(uploads)}")
-    photo = (await _photos(uploads, svc.limits))[0]
+    photo = (await _photos(uploads, svc.limits, svc.learner.bundle.preprocessing.size))[0]
     if not isinstance(photo, Photo):
         raise HTTPProblem(photo["status"], f"{photo['file']}: {photo['error']}")
     t0 = time.perf_counter()

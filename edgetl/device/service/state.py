@@ -32,11 +32,16 @@ HOLDOUT_EVERY = 4  # each training first measures a head without every 4th store
 @dataclass(frozen=True)
 class Limits:
     """What one request may carry. Photos are also bounded in pixels by the decoder
-    (``EDGETL_MAX_PIXELS``, 40 MP by default)."""
+    (``EDGETL_MAX_PIXELS``, 40 MP by default), and all of a request's together by
+    ``max_request_pixels``."""
 
     max_file_bytes: int = 20 * 1024 * 1024
     max_files: int = 64
     max_label_chars: int = 100
+    # Decode budget of one request, in pixels after JPEG's reduced decoding (a 12 MP phone JPEG
+    # costs 0.19 MP at 224 px; a 40 MP PNG all of its 40 MP, ~0.3 s): 64 phone photos fit many
+    # times over, 64 huge PNGs of 5 KB each cannot hold the learner for 17 s.
+    max_request_pixels: int = 100_000_000
 
 
 class Abandoned(EdgetlError):
