@@ -10,7 +10,7 @@ emulated Raspberry Pi and under ``qemu-x86_64 -cpu Haswell``):
     qemu-x86_64-static -cpu Haswell .venv/bin/python benchmarks/cross_cpu.py measure ... --cpu haswell --limit 20
     sudo bash device_scripts/emulate_pi.sh --steps install,crosscpu --bundle models/flowers --cpu cortex-a76
     # 3. the table: Markdown + JSON
-    python benchmarks/cross_cpu.py table --dir benchmarks/results/cross_cpu
+    python benchmarks/cross_cpu.py table --dir benchmarks/results/cross_cpu [--name cross_cpu]
 
 Per file and CPU: accuracy on the photos (flowers/test), top-1 agreement with the float Keras
 classifier, and for backbones the cosine of its features to the Keras backbone's (mean, min);
@@ -160,7 +160,7 @@ def _versions() -> dict:
 CPU_ORDER = ("native", "haswell", "cortex-a72", "cortex-a76")
 
 
-def make_table(ref_dir: Path) -> None:
+def make_table(ref_dir: Path, name: str = "cross_cpu") -> None:
     docs = {p.stem: json.loads(p.read_text()) for p in sorted(ref_dir.glob("*.json")) if p.stem != "cross_cpu"}
     cpus = sorted(docs, key=lambda c: (CPU_ORDER.index(c) if c in CPU_ORDER else 99, c))
     base = np.load(ref_dir / "native.npz") if (ref_dir / "native.npz").exists() else None
@@ -192,7 +192,7 @@ def make_table(ref_dir: Path) -> None:
                 trainable[cpu] = max(float(np.abs(raw[k] - base[k]).max()) for k in keys)
     fingerprints = {c: {**docs[c]["fingerprint"], "python": docs[c]["python"], **docs[c]["versions"]} for c in cpus}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cross_cpu.json").write_text(json.dumps(
+    (RESULTS / f"{name}.json").write_text(json.dumps(
         {"rows": out_rows, "trainable_head_max_abs_diff_vs_native": trainable, "cpus": fingerprints}, indent=2) + "\n")
     lines = [table(["cpu", "file", "photos", "accuracy", "vs Keras pts", "agreement", "cosine mean", "cosine min",
                     "max abs diff vs native"], md_rows)]
@@ -202,7 +202,7 @@ def make_table(ref_dir: Path) -> None:
     lines.append("\nCPUs: " + "; ".join(f"{c}: {f['machine']} {f['model'] or ''} [{' '.join(f['flags'])}], "
                                          f"Python {f['python']}" for c, f in fingerprints.items()))
     text = "\n".join(lines) + "\n"
-    (RESULTS / "cross_cpu.md").write_text(text)
+    (RESULTS / f"{name}.md").write_text(text)
     print(text)
 
 
@@ -222,13 +222,15 @@ def main(argv=None) -> int:
     m.add_argument("--files", nargs="*", default=None, help="only these files of the bundle (default: all)")
     t = sub.add_parser("table", help="Markdown + JSON from every measured CPU")
     t.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    t.add_argument("--name", default="cross_cpu",
+                   help="write benchmarks/results/NAME.md and .json (a partial re-run keeps the full table)")
     a = p.parse_args(argv)
     if a.step == "reference":
         reference(a.run, a.photos, a.out)
     elif a.step == "measure":
         measure(a.bundle, a.dir, a.cpu, a.limit, a.threads, a.files)
     else:
-        make_table(a.dir)
+        make_table(a.dir, a.name)
     return 0
 
 

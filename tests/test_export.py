@@ -75,6 +75,14 @@ def test_every_format_and_precision_is_in_the_bundle(tiny_bundle):
         assert "head" not in int8
     onnx8 = next(e for e in b.files if e["file"] == "backbone_int8.onnx")
     assert onnx8["replay"] == "replay_backbone_int8_onnx.npz"
+    # The session option that keeps ONNX Runtime's int8 exact on AVX2-only x86: in the manifest, in
+    # the file's own metadata for users outside edgetl, and set by edgetl's runner.
+    from edgetl.runtime import ONNX_SESSION_CONFIG, OnnxRunner
+    assert onnx8["onnxruntime_session_config"] == ONNX_SESSION_CONFIG == {"session.x64quantprecision": "1"}
+    runner = OnnxRunner(out / "backbone_int8.onnx", threads=1)
+    assert json.loads(runner.metadata["onnxruntime_session_config"]) == ONNX_SESSION_CONFIG
+    assert "session.x64quantprecision" in runner.metadata["cpu_notes"]
+    assert runner.session.get_session_options().get_session_config_entry("session.x64quantprecision") == "1"
     assert ("head" in onnx8) == (onnx8["head_refit"]["steps"] > 0)
     names = [e["file"] for e in b.files]
     assert len(names) == len(set(names))
@@ -472,3 +480,21 @@ def test_export_says_which_photos_verified_it_and_takes_unseen_ones(tiny_run, ti
     r = export_run(tiny_run, tmp_path / "unseen", val_dir=str(tiny_data["train"]), **common)
     assert r["verified_on_photos"] == f"24 photos of {tiny_data['train']} (--val)"
     assert r["files"][0]["num_images"] == 24
+
+
+def test_a_run_whose_model_holds_a_lambda_layer_is_one_line_of_error(tiny_run, tiny_data, tmp_path):
+    """A .keras file with a Lambda layer (Python code in the file) is never run: predict and export
+    say so in one line, before anything is converted."""
+    import keras
+
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("cache"))
+    inputs = keras.Input((96, 96, 3))
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2.0)(inputs)).save(copy / "model.keras")
+    photo = sorted(tiny_data["val"].rglob("*.jpg"))[0]
+    for args in (["predict", str(copy), str(photo)], ["export", str(copy), "--out", str(tmp_path / "b"), "-f", "tflite:fp32"]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 1, (args, res.output)
+        assert "holds a Lambda layer" in res.output and "Traceback" not in res.output, res.output
+        assert len(res.output.strip().splitlines()) <= 2, res.output
+    assert not (tmp_path / "b").exists()

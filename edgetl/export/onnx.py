@@ -6,6 +6,7 @@ like TFLite (ONNX Runtime's dynamic int8 runs slower than fp32 on a CPU).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -17,6 +18,7 @@ from ..convert.checks import check_onnx
 from ..convert.source import ExportSource
 from ..errors import ExportError
 from ..fileio import atomic_write_bytes
+from ..runtime import ONNX_SESSION_CONFIG
 from .config import ExportConfig
 
 log = logging.getLogger("edgetl")
@@ -25,19 +27,20 @@ log = logging.getLogger("edgetl")
 def int8_recipe() -> dict:
     """The int8 recipe: S8S8 (int8 activations and weights; weights per channel, QDQ, MinMax).
 
-    It drifts on AVX2-only x86 (ONNX Runtime's int8 kernel sums pairs in saturating 16-bit lanes
-    there), and none of the other recipes tried holds everywhere within the export's gate
-    (figures: README, cross-CPU section); so the manifest says where it does not hold
-    (``cpu_notes``) and the bundle's self-test refuses it on such a CPU at load time.
+    On x86 CPUs without VNNI (AVX2 only) ONNX Runtime's default int8 kernel saturates and the
+    features drift; the session option in ``edgetl.runtime.ONNX_SESSION_CONFIG`` makes it exact
+    there (bit-identical to a VNNI CPU). edgetl's runner sets it; the file's metadata and its
+    manifest entry (``cpu_notes``, ``onnxruntime_session_config``) tell other users to.
     """
     from onnxruntime.quantization import QuantType
 
     return {"activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8}
 
 
-AVX2_NOTE = ("x86 CPUs without AVX-512 VNNI (AVX2 only): ONNX Runtime's int8 kernel saturates there and the "
-             "features drift (cosine 0.90 instead of 0.975 on flowers); the device's self-test refuses this file "
-             "on such a CPU and the int8 TFLite file is used instead")
+AVX2_NOTE = ("x86 CPUs without VNNI (AVX2 only): run with the ONNX Runtime session option "
+             "session.x64quantprecision=1 (edgetl does). Without it ONNX Runtime's int8 kernel saturates there and "
+             "the features drift (cosine to float 0.925 instead of 0.977 on flowers); with it the outputs are "
+             "bit-identical to an AVX-512 VNNI CPU's")
 
 
 def _head_nodes(model) -> list[str]:
@@ -117,9 +120,12 @@ def export(source: ExportSource, path: Path, precision: str, options: ExportConf
         except Exception as exc:
             raise ExportError(f"ONNX Runtime int8 quantization of the {source.role} failed: {str(exc)[:400]}") from None
         quantized = onnx.load(q)
-    atomic_write_bytes(path, _with_metadata(quantized, source.metadata).SerializeToString())
+    metadata = {**source.metadata, "onnxruntime_session_config": json.dumps(ONNX_SESSION_CONFIG),
+                "cpu_notes": AVX2_NOTE}
+    atomic_write_bytes(path, _with_metadata(quantized, metadata).SerializeToString())
     info = check_onnx(path, precision)
     info["quantization"] = {**{k: str(v) for k, v in int8_recipe().items()}, "per_channel": True,
                             "calibration": "MinMax", "float_nodes": float_head}
-    info["cpu_notes"] = AVX2_NOTE
+    # Into the manifest entry: where the file needs the session option, and the option itself.
+    info["entry"] = {"cpu_notes": AVX2_NOTE, "onnxruntime_session_config": dict(ONNX_SESSION_CONFIG)}
     return info

@@ -49,7 +49,16 @@ class Run:
     def classifier(self):
         import keras
 
-        return keras.saving.load_model(self.dir / "model.keras", compile=False)
+        path = self.dir / "model.keras"
+        try:  # safe_mode (the default): no code from the file runs
+            return keras.saving.load_model(path, compile=False, safe_mode=True)
+        except Exception as exc:  # Keras raises ValueError, TypeError, OSError, zipfile errors, ...
+            text = " ".join(str(exc).split())
+            if "Lambda" in text or "safe_mode" in text:
+                raise ModelError(f"{str(path)!r} holds a Lambda layer (Python code stored in the file); edgetl does "
+                                 "not run code from a model file. Train the run with 'edgetl train', or load it in "
+                                 "Keras yourself if you trust it") from None
+            raise ModelError(f"cannot load {str(path)!r} ({type(exc).__name__}: {text[:300]})") from None
 
     @property
     def backbone_model(self):
