@@ -227,6 +227,7 @@ class ProgressBars:
 
             self._progress = Progress(
                 TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[note]}", style="dim"),
                 console=Console(stderr=True), transient=False,
             )
             self._progress.__enter__()
@@ -237,12 +238,14 @@ class ProgressBars:
             self._progress.__exit__(*exc)
         return False
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, note: str | None = None) -> None:
+        """``note``: what the stage is doing now, shown after the bar."""
         if self._progress is None:
             return
         if stage not in self._tasks:
-            self._tasks[stage] = self._progress.add_task(stage, total=total)
-        self._progress.update(self._tasks[stage], completed=done, total=total)
+            self._tasks[stage] = self._progress.add_task(stage, total=total, note="")
+        self._progress.update(self._tasks[stage], completed=done, total=total,
+                              **({"note": note} if note is not None else {}))
 
 
 def report_predictions(doc: dict, as_json: bool) -> None:

@@ -44,7 +44,7 @@ from ..train.run import Run
 from .config import ExportConfig, Plan
 
 log = logging.getLogger("edgetl")
-Progress = Callable[[str, int, int], None]
+Progress = Callable[..., None]  # (stage, done, total, note=None)
 
 TOOLS = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "numpy", "pillow")
 
@@ -151,8 +151,8 @@ class _Export:
     def __init__(self, run, config: ExportConfig, progress: Progress | None, total: int):
         self.run, self.config, self.progress, self.total = run, config, progress, total
         self.done = 0
-        if progress:  # the bar is there from the start: loading photos and the Keras reference take a while
-            progress("export", 0, total)
+        self.timings: dict[str, float] = {}  # seconds per step, in the report: where an export's time goes
+        self._say("reading the calibration and verification photos")
         self.spec = run.preprocessing
         self.head_layers = run.head()
         train = run.samples("train")
@@ -160,6 +160,7 @@ class _Export:
         self.replay_samples = first_per_class(train, config.replay_per_class)
         self.val_samples, self.val_source = self._verification_photos(run, config)
         self.x_val, self.y_val, _ = load_samples(self.val_samples, self.spec)
+        self._say(f"the Keras model on {len(self.x_val)} verification photos (the reference)")
         self.references: dict[str, np.ndarray] = {}
         self.keras_acc = None
         if config.verify and len(self.x_val):
@@ -201,10 +202,19 @@ class _Export:
         self.sources = {r: ExportSource(r, models[r], self.work, self.x_cal[: self.config.calibration_images],
                                         {**self.metadata, "role": r}) for r in MODEL_ROLES}
 
+    def _say(self, note: str) -> None:
+        """What the export is doing now (the progress bar's text); times the step it ends."""
+        now = time.perf_counter()
+        if getattr(self, "_doing", None) is not None:
+            self.timings[self._doing[0]] = round(self.timings.get(self._doing[0], 0.0) + now - self._doing[1], 2)
+        self._doing = (note, now)
+        if self.progress:
+            self.progress("export", self.done, self.total, note)
+
     def _step(self) -> None:
         self.done += 1
         if self.progress:
-            self.progress("export", self.done, self.total)
+            self.progress("export", self.done, self.total, self._doing[0] if getattr(self, "_doing", None) else None)
 
     def head_file(self, plan: Plan) -> None:
         """A format made from the head's arrays (the trainable head)."""
@@ -230,10 +240,13 @@ class _Export:
                 source = ExportSource("classifier", self.run.classifier_with(head), self.work,
                                       self.x_cal[: self.config.calibration_images],
                                       {**self.metadata, "role": "classifier"})
+            self._say(f"converting {name}" + (" (int8: calibrating on the training photos)"
+                                              if plan.precision == "int8" else ""))
             info = module.export(source, where / name, plan.precision, self.config)
             train_features = None  # this backbone file's features of the training photos
             refit_info = None
             if role == "backbone" and plan.refit:
+                self._say(f"re-fitting the head on {name}'s features of the training photos")
                 train_features = backbone_features(where / name, self.run.samples("train"), self.spec,
                                                    self.config.threads)
                 if self.teacher is None or self.teacher[0] != train_features[2]:
@@ -258,8 +271,10 @@ class _Export:
                 else:  # converted with the head re-fitted for this precision's backbone file
                     entry["head_refit"] = {"from": file_name("backbone", plan.fmt, plan.precision)}
             if plan.verify and len(self.x_val):
+                self._say(f"verifying {name} on {len(self.x_val)} photos")
                 self._verify(plan, name, role, entry, head)
             if role == "backbone" and self.replay_samples:
+                self._say(f"the replay features of {name}")
                 entry["replay"] = self._replay(name, train_features)
             self.entries.append((name, entry))
             self._step()
@@ -289,6 +304,7 @@ class _Export:
         shutil.rmtree(self.work, ignore_errors=True)
         self_test = None
         if self.config.verify and self.val_samples:
+            self._say("the self-test references")
             self_test = _write_self_test(self.staging, self.entries, self.val_samples, spec, run.backbone_model,
                                          run.head_model, head_layers, self.extra_heads, self.config.threads)
         report = {
@@ -298,6 +314,7 @@ class _Export:
             "max_drop_points": self.config.max_drop, "files": self.verification,
             "verified_on_photos": self.val_source,
         }
+        self._say("writing the bundle")
         for name, entry in self.entries:
             w.add(name, entry.pop("role"), **entry)
         w.write_head(head_layers)
@@ -311,6 +328,8 @@ class _Export:
             extra["self_test"] = self_test
         w.commit(run.labels, spec, int(run.backbone_identity["feature_dim"]), run.backbone_identity, tool_versions(),
                  **extra)
+        self._say("done")
+        report["step_seconds"] = {k: v for k, v in self.timings.items()}
         return report
 
 
