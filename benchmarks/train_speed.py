@@ -9,6 +9,10 @@ folder. Times run from starting each process to the end of its training: Python 
 TensorFlow import included, the test-set evaluation afterwards not. edgetl runs twice: without and with the backbone's TFLite conversion cached.
 
     python benchmarks/train_speed.py            # flowers, alpha 1.0, 224, 10 epochs (~4 min)
+    python benchmarks/train_speed.py --train ../shared/datasets/hymenoptera/train \
+        --test ../shared/datasets/hymenoptera/val --name train_speed_hymenoptera   # (~1 min)
+
+The later edgetl runs take the quick path (edgetl.train.quick): no TensorFlow import at all.
 """
 
 from __future__ import annotations
@@ -54,7 +58,6 @@ def seeds_recipe(train_dir: Path, test_dir: Path, epochs: int, alpha: float, siz
 
 
 def edgetl_recipe(train_dir: Path, test_dir: Path, epochs: int, alpha: float, size: int) -> dict:
-    from edgetl.predict import evaluate, open_predictor
     from edgetl.train import TrainConfig, train
 
     out = Path(tempfile.mkdtemp(prefix="edgetl-speed-"))  # a new run folder: an empty feature cache
@@ -62,8 +65,12 @@ def edgetl_recipe(train_dir: Path, test_dir: Path, epochs: int, alpha: float, si
     summary = train(TrainConfig(data_dir=str(train_dir), out_dir=str(out), alpha=alpha, size=size))
     wall = time.perf_counter() - t0
     trained_at = time.time()
+    tensorflow_imported = "tensorflow" in sys.modules
+    from edgetl.predict import evaluate, open_predictor  # (after the clock: builds model.keras if it was not written)
+
     acc = evaluate(open_predictor(out), test_dir)["accuracy"]
     return {"recipe": "edgetl train (defaults, empty feature cache)", "wall_s": wall, "test_accuracy": acc,
+            "tensorflow_imported": tensorflow_imported,
             "features_s": summary["timings_s"]["features"], "head_s": summary["timings_s"]["head"],
             "feature_engine": summary["feature_engine"], "trained_at": trained_at}
 
@@ -93,6 +100,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--recipe", choices=list(RECIPES), default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--name", default="train_speed", help="write benchmarks/results/NAME.json")
     a = p.parse_args()
     offline_keras_cache()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -105,17 +113,17 @@ def main() -> None:
     seeds = in_fresh_process("seeds", a)
     # The first edgetl run on a machine converts the backbone to TFLite (kept beside the Keras
     # weights); every later run, on any photos, reuses it.
-    cached = sorted(backbone_cache_dir().glob("*.tflite"))
+    cached = sorted(backbone_cache_dir().glob("*.tflite")) + sorted(backbone_cache_dir().glob("*.json"))
     aside = Path(tempfile.mkdtemp(prefix="edgetl-speed-aside-"))
     for f in cached:
         shutil.move(str(f), aside / f.name)
     try:
         first = in_fresh_process("edgetl", a)
     finally:
-        for f in aside.glob("*.tflite"):
+        for f in list(aside.glob("*.tflite")) + list(aside.glob("*.json")):
             if not (backbone_cache_dir() / f.name).exists():
                 shutil.move(str(f), backbone_cache_dir() / f.name)
-    first["recipe"] += ", first run on the machine (converts the backbone)"
+    first["recipe"] += ", first run on the machine (converts the backbone, TensorFlow)"
     ours = in_fresh_process("edgetl", a)
     rows = [[r["recipe"], f"{r['process_wall_s']:.1f}", f"{seeds['process_wall_s'] / r['process_wall_s']:.1f}",
              f"{r['test_accuracy']:.4f}"] for r in (seeds, first, ours)]
@@ -123,7 +131,7 @@ def main() -> None:
     print(table(["recipe", "wall s", "speed-up", "test accuracy"], rows))
     ratio = seeds["process_wall_s"] / ours["process_wall_s"]
     print(f"speed-up: {ratio:.1f}x; accuracy difference: {100 * (ours['test_accuracy'] - seeds['test_accuracy']):+.1f} points")
-    path = write_json("train_speed", {"args": {k: str(v) for k, v in vars(a).items()}, "seeds": seeds,
+    path = write_json(a.name, {"args": {k: str(v) for k, v in vars(a).items()}, "seeds": seeds,
                                       "edgetl_first_run": first, "edgetl": ours, "speedup": ratio})
     print(f"wrote {path}")
 

@@ -7,6 +7,7 @@ them with a message that says what was received and what was expected.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 
 class EdgetlError(Exception):
@@ -39,6 +40,13 @@ class StoreError(EdgetlError):
 
 class MissingDependencyError(EdgetlError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+def require_installed(module: str, extra: str) -> None:
+    """Like :func:`require`, without importing the module (TensorFlow takes seconds to import)."""
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(f"this needs the Python module {module!r}, which is not installed; "
+                                     f"install it with: pip install 'edgetl[{extra}]'")
 
 
 def require(module: str, extra: str):

@@ -17,10 +17,12 @@ from .conftest import FLOWERS, WEIGHTS_035, copy_photos
 
 
 def test_run_folder_contents(tiny_run):
-    for name in ("model.keras", "head.npz", "labels.txt", "config.json", "run.json", "history.csv",
+    for name in ("head.npz", "labels.txt", "config.json", "run.json", "history.csv",
                  "metrics.json", "training_curves.png", "confusion_matrix.png"):
         assert (tiny_run / name).is_file(), name
     run = json.loads((tiny_run / "run.json").read_text())
+    # model.keras: written by a run that imported TensorFlow; built on first use after a quick one.
+    assert (tiny_run / "model.keras").is_file() or run["model_keras"].startswith("built on first use")
     assert run["classes"] == ["daisy", "roses", "sunflowers"]
     assert (tiny_run / "labels.txt").read_text() == "daisy\nroses\nsunflowers\n"
     assert run["backbone"]["name"] == "mobilenet_v2" and run["backbone"]["alpha"] == 0.35
@@ -265,3 +267,42 @@ def test_multiworker_without_tf_config_is_a_clear_error(tiny_data, tmp_path, mon
                       weights=str(WEIGHTS_035), epochs=1, distribute="multiworker")
     with pytest.raises(ConfigError, match="needs the TF_CONFIG environment variable"):
         train(cfg)
+
+
+def test_the_default_run_trains_without_tensorflow_once_its_backbone_is_recorded(tiny_run, tiny_data, tmp_path):
+    """After one run converted (or checked) the backbone's LiteRT file, the default head-only run
+    imports no TensorFlow or Keras (a fresh process), gives the same head, and the run folder
+    builds model.keras from the backbone and head.npz when it is first needed."""
+    import subprocess
+    import sys
+
+    from edgetl.train import TrainConfig
+    from edgetl.train.quick import find
+    from edgetl.train.run import Run
+
+    out = tmp_path / "quick"
+    cfg = dict(data_dir=str(tiny_data["train"]), out_dir=str(out), val_dir=str(tiny_data["val"]), alpha=0.35,
+               size=96, weights=str(WEIGHTS_035), seed=0)
+    assert find(TrainConfig(**cfg)) is not None
+    assert find(TrainConfig(**cfg, fine_tune_layers=10)) is None and find(TrainConfig(**cfg, augment=True)) is None
+    code = ("import json, sys\nfrom edgetl.train import TrainConfig, train\n"
+            f"s = train(TrainConfig(**{cfg!r}))\n"
+            "print(json.dumps({'imported': sorted(m for m in ('tensorflow', 'keras') if m in sys.modules), "
+            "'engine': s['feature_engine']}))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert doc["imported"] == [] and doc["engine"]["tensorflow"] == "not imported", doc
+    assert not (out / "model.keras").exists()
+    with np.load(out / "head.npz") as a, np.load(tiny_run / "head.npz") as b:
+        np.testing.assert_allclose(a["W0"], b["W0"], atol=1e-6)
+        np.testing.assert_allclose(a["b0"], b["b0"], atol=1e-6)
+    run = Run(out)
+    x, _, bad = preprocess.load_batch([s.path for s in run.samples("val")], run.preprocessing)
+    assert not bad
+    probs = np.asarray(run.classifier.predict(x, verbose=0))
+    assert (out / "model.keras").is_file()  # built once, kept
+    from edgetl.head.arrays import head_predict
+
+    feats = np.asarray(run.backbone_model.predict(x, verbose=0))
+    np.testing.assert_allclose(probs, head_predict(feats, run.head()), atol=1e-5)

@@ -108,7 +108,9 @@ def train(force, as_json, **options):
 
     The frozen backbone turns each image into a feature once (cached in the run folder);
     the head trains on those features in seconds. Writes the run folder: model.keras,
-    head.npz, labels.txt, config.json, run.json, history.csv, metrics.json and plots.
+    head.npz, labels.txt, config.json, run.json, history.csv, metrics.json and plots (a
+    default run on a backbone already converted to LiteRT imports no TensorFlow, and its
+    model.keras is built when first needed).
     A failed run leaves nothing behind; an existing run is replaced only with --force.
     """
     from ..train.run import check_run_target

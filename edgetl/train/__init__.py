@@ -9,10 +9,12 @@ from .config import TrainConfig
 
 def __getattr__(name: str):
     if name == "train":
-        from ..errors import require
+        from ..errors import require_installed
 
-        require("tensorflow", "train")
-        require("keras", "train")
+        # Checked, not imported: a default head-only run on a recorded LiteRT backbone never
+        # imports TensorFlow (see edgetl.train.quick).
+        require_installed("tensorflow", "train")
+        require_installed("keras", "train")
         from .trainer import train
 
         return train

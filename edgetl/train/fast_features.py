@@ -22,17 +22,13 @@ from ..convert.quantization import QuantizationConfig
 from ..convert.source import ExportSource
 from ..convert.tflite import to_tflite
 from ..runtime import TFLiteRunner
-from ..weights import keras_models_dir
 from .backbones import Backbone
+from .quick import backbone_cache_dir, record
 
 log = logging.getLogger("edgetl")
 
 AGREEMENT = 1e-3  # the largest |LiteRT - Keras| feature difference allowed, relative to the largest feature
 PROBE_PHOTOS = 8  # photos the LiteRT file is checked against Keras on, every run that computes features
-
-
-def backbone_cache_dir() -> Path:
-    return keras_models_dir().parent / "edgetl" / "backbones"
 
 
 class LiteRTBackbone:
@@ -81,6 +77,7 @@ def litert_backbone(backbone: Backbone, probe: np.ndarray) -> tuple[LiteRTBackbo
             log.warning("the LiteRT backbone %s differs from Keras by %.2g (allowed %g); computing features with "
                         "Keras", path, diff, AGREEMENT)
             return None, {**info, "used": False, "reason": "disagrees with Keras"}
+        record(backbone, path, info)  # later runs of these weights may then skip TensorFlow
         return fast, {**info, "used": True}
     except Exception as exc:  # a converter or runtime failure costs speed, never the run
         log.warning("cannot use LiteRT for features (%s); computing them with Keras", str(exc).splitlines()[0][:200])

@@ -12,7 +12,9 @@ from ..head.arrays import Layers, load_head
 from ..preprocess import Preprocessing
 from .head import build_classifier
 
-RUN_FILES = ("run.json", "model.keras", "head.npz", "labels.txt")
+# model.keras is not among them: a run trained without TensorFlow (edgetl.train.quick) gets it
+# built from its backbone and head.npz when first needed.
+RUN_FILES = ("run.json", "head.npz", "labels.txt")
 
 
 def check_run_target(target: Path, force: bool) -> None:
@@ -50,6 +52,8 @@ class Run:
         import keras
 
         path = self.dir / "model.keras"
+        if not path.exists():
+            return self._build_classifier(path)
         try:  # safe_mode (the default): no code from the file runs
             return keras.saving.load_model(path, compile=False, safe_mode=True)
         except Exception as exc:  # Keras raises ValueError, TypeError, OSError, zipfile errors, ...
@@ -59,6 +63,39 @@ class Run:
                                  "not run code from a model file. Train the run with 'edgetl train', or load it in "
                                  "Keras yourself if you trust it") from None
             raise ModelError(f"cannot load {str(path)!r} ({type(exc).__name__}: {text[:300]})") from None
+
+    def _build_classifier(self, path: Path):
+        """The Keras classifier of a run trained without TensorFlow: its backbone (checked to be the
+        one the features came from) and head.npz; saved as model.keras when the folder allows."""
+        import os
+
+        import keras
+
+        from .backbones import build_backbone
+        from .head import build_head
+
+        ident = self.backbone_identity
+        try:
+            weights = json.loads((self.dir / "config.json").read_text()).get("weights", ident["weights"])
+        except (OSError, ValueError):
+            weights = ident["weights"]
+        backbone = build_backbone(ident["name"], ident["alpha"], int(ident["input_size"]), weights)
+        if backbone.weights_sha256 != ident["weights_sha256"]:
+            raise ModelError(f"{str(self.dir)!r} has no model.keras, and the backbone built from {weights!r} is not "
+                             "the one its features came from (weights sha256 differ); retrain the run")
+        layers = self.head()
+        head = build_head(backbone.feature_dim, len(self.labels), [w.shape[1] for w, _ in layers[:-1]])
+        dense = [layer for layer in head.layers if isinstance(layer, keras.layers.Dense)]
+        for layer, (w, b) in zip(dense, layers):
+            layer.set_weights([w, b])
+        classifier = build_classifier(backbone.model, head, backbone.size)
+        tmp = self.dir / ".model.keras.tmp.keras"
+        try:
+            classifier.save(tmp)
+            os.replace(tmp, path)
+        except OSError:  # a read-only run folder: the model is built again next time
+            tmp.unlink(missing_ok=True)
+        return classifier
 
     @property
     def backbone_model(self):

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, preprocess
 from ..data import ImageFolder, scan_folder, split_folder
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_write_json, atomic_write_text, commit_dir, make_staging_dir
 from ..head.arrays import head_predict, save_head
 from ..head.solver import balanced_class_weights, choose_l2, solve_softmax
 from ..metrics import classification_report
+from . import quick
 from .backbones import Backbone, build_backbone, weights_digest
 from .config import TrainConfig
 from .fast_features import FeatureEngine
@@ -35,7 +36,7 @@ from .head import (
 from .run import check_run_target
 
 log = logging.getLogger("edgetl")
-Progress = Callable[[str, int, int], None]
+Progress = Callable[..., None]  # (stage, done, total, note=None)
 
 
 def get_strategy(name: str):
@@ -140,7 +141,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None, force: bool = Fals
     check_run_target(target, force)
     staging = make_staging_dir(target)
     try:
-        summary = _train(cfg, target, staging, progress)
+        rec = quick.find(cfg)
+        summary = _train_quick(cfg, target, staging, progress, rec) if rec else _train(cfg, target, staging, progress)
         commit_dir(staging, target, replace=target.exists())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -221,6 +223,90 @@ def _seed_cache(old: Path, new: Path) -> None:
             shutil.copy2(f, new / f.name)
 
 
+def _summary(cfg: TrainConfig, target: Path, out: Path, classes: list[str], tr: Features, va: Features, report: dict,
+             val_loss: float | None, identity: dict, spec, layers, head_training: dict, fine: dict | None,
+             cache: FeatureCache, engine: dict, devices: dict, timings: dict) -> dict:
+    """The run's summary (run.json without the file lists)."""
+    return {
+        "edgetl_version": __version__,
+        "run_dir": str(target),
+        "classes": classes,
+        "num_train": int(len(tr.labels)),
+        "num_val": int(len(va.labels)),
+        "val_accuracy": report["accuracy"] if len(va.labels) else None,
+        "val_loss": val_loss,
+        "skipped": tr.skipped + va.skipped,
+        "num_skipped": len(tr.skipped) + len(va.skipped),
+        "backbone": identity,
+        "preprocessing": spec.to_dict(),
+        "head": {"layers": [list(w.shape) for w, _ in layers], "activation": "relu", "output": "softmax"},
+        "head_training": head_training,
+        "fine_tune": fine,
+        "augment": cfg.augment,
+        "feature_cache": {"path": str(_final_path(cache.path, out, target)), "hits": tr.cache_hits + va.cache_hits,
+                          "computed": tr.computed + va.computed},
+        "feature_engine": engine,
+        "devices": devices,
+        "timings_s": {**timings, "total": None},
+        # Absolute: export and eval may run from another working directory.
+        "data": {"train_dir": str(Path(cfg.data_dir).resolve()),
+                 "val_dir": str(Path(cfg.val_dir).resolve()) if cfg.val_dir else None,
+                 "val_split": None if cfg.val_dir else cfg.val_split, "split_seed": cfg.split_seed},
+    }
+
+
+def _train_quick(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None, rec: dict) -> dict:
+    """The default head-only run without TensorFlow, on a recorded LiteRT backbone (see
+    :mod:`.quick`): the same features, solver and figures as the Keras path; no model.keras
+    (the run folder builds it when first needed)."""
+    from .fast_features import LiteRTBackbone
+
+    t_start = time.perf_counter()
+    if cfg.cache_dir is None:
+        _seed_cache(target / "cache", out / "cache")
+    train_folder, val_folder = _folders(cfg)
+    classes = train_folder.classes
+    identity = rec["identity"]
+    spec = preprocess.Preprocessing.from_dict(rec.get("preprocessing") or _spec_of(identity).to_dict())
+    cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else out / "cache", rec["key"], identity["feature_dim"])
+    t0 = time.perf_counter()
+    extractor = LiteRTBackbone(rec["path"], identity["feature_dim"])
+    tr, va = _features(cfg, extractor, train_folder, val_folder, spec, cache, progress)
+    t_features = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    layers, val_layers, head_training, row = _solve_head(cfg, tr, va, len(classes), progress)
+    t_head = time.perf_counter() - t0
+    report, val_loss = _validate(cfg, None, layers, val_layers, va, classes, spec, [row])
+    engine = {"engine": "litert", "file": str(rec["path"]), "converted": False, "used": True,
+              "max_relative_difference": rec.get("max_relative_difference"), "tensorflow": "not imported",
+              "checked_against_keras": "when the file was recorded (quick path)"}
+    summary = _summary(cfg, target, out, classes, tr, va, report, val_loss, identity, spec, layers, head_training,
+                       None, cache, engine, {"gpus": None, "distribute": "none", "replicas": 1},
+                       {"features": round(t_features, 3), "head": round(t_head, 3), "fine_tune": 0.0})
+    summary["model_keras"] = "built on first use (trained without TensorFlow)"
+    _write_run(out, cfg, summary, None, layers, [row], report, tr, va)
+    summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    atomic_write_json(out / "run.json", _run_json(summary, tr, va))
+    return summary
+
+
+def _features(cfg: TrainConfig, extractor, train_folder: ImageFolder, val_folder: ImageFolder, spec,
+              cache: FeatureCache, progress: Progress | None) -> tuple[Features, Features]:
+    """The training and validation photos' features (cached, computed by ``extractor``)."""
+    tr = extract_features(extractor, train_folder.samples, spec, cache,
+                          batch_size=cfg.batch_size, strict=cfg.strict, progress=progress, stage="features (train)")
+    va = extract_features(extractor, val_folder.samples, spec, cache,
+                          batch_size=cfg.batch_size, strict=cfg.strict, progress=progress, stage="features (val)")
+    _check_usable(tr, train_folder, "training")
+    return tr, va
+
+
+def _spec_of(identity: dict):
+    from .backbones import get_backbone_spec
+
+    return get_backbone_spec(identity["name"]).preprocessing(int(identity["input_size"]))
+
+
 def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None) -> dict:
     t_start = time.perf_counter()
     import keras
@@ -245,12 +331,8 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
     t0 = time.perf_counter()
     # LiteRT without a GPU (auto), checked against Keras on the first photos it computes.
     extractor = FeatureEngine(backbone, cfg.feature_engine == "litert" or (cfg.feature_engine == "auto" and not gpus))
-    tr = extract_features(extractor, train_folder.samples, spec, cache,
-                          batch_size=cfg.batch_size, strict=cfg.strict, progress=progress, stage="features (train)")
-    va = extract_features(extractor, val_folder.samples, spec, cache,
-                          batch_size=cfg.batch_size, strict=cfg.strict, progress=progress, stage="features (val)")
+    tr, va = _features(cfg, extractor, train_folder, val_folder, spec, cache, progress)
     t_features = time.perf_counter() - t0
-    _check_usable(tr, train_folder, "training")
 
     with strategy.scope():
         head = build_head(backbone.feature_dim, len(classes), cfg.hidden, cfg.dropout, cfg.seed)
@@ -264,35 +346,10 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
 
     layers = head_layers(head)
     report, val_loss = _validate(cfg, classifier, layers, val_layers, va, classes, spec, history_rows)
-    skipped = tr.skipped + va.skipped
-    summary = {
-        "edgetl_version": __version__,
-        "run_dir": str(target),
-        "classes": classes,
-        "num_train": int(len(tr.labels)),
-        "num_val": int(len(va.labels)),
-        "val_accuracy": report["accuracy"] if len(va.labels) else None,
-        "val_loss": val_loss,
-        "skipped": skipped,
-        "num_skipped": len(skipped),
-        "backbone": backbone.identity(),
-        "preprocessing": spec.to_dict(),
-        "head": {"layers": [list(w.shape) for w, _ in layers], "activation": "relu", "output": "softmax"},
-        "head_training": head_training,
-        "fine_tune": fine,
-        "augment": cfg.augment,
-        "feature_cache": {"path": str(_final_path(cache.path, out, target)), "hits": tr.cache_hits + va.cache_hits,
-                          "computed": tr.computed + va.computed},
-        "feature_engine": extractor.info,
-        "devices": {"gpus": gpus, "distribute": cfg.distribute,
-                    "replicas": int(strategy.num_replicas_in_sync)},
-        "timings_s": {"features": round(t_features, 3), "head": round(t_head, 3),
-                      "fine_tune": round(t_fine, 3), "total": None},
-        # Absolute: export and eval may run from another working directory.
-        "data": {"train_dir": str(Path(cfg.data_dir).resolve()),
-                 "val_dir": str(Path(cfg.val_dir).resolve()) if cfg.val_dir else None,
-                 "val_split": None if cfg.val_dir else cfg.val_split, "split_seed": cfg.split_seed},
-    }
+    summary = _summary(cfg, target, out, classes, tr, va, report, val_loss, backbone.identity(), spec, layers,
+                       head_training, fine, cache, extractor.info,
+                       {"gpus": gpus, "distribute": cfg.distribute, "replicas": int(strategy.num_replicas_in_sync)},
+                       {"features": round(t_features, 3), "head": round(t_head, 3), "fine_tune": round(t_fine, 3)})
     _write_run(out, cfg, summary, classifier, layers, history_rows, report, tr, va)
     summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     atomic_write_json(out / "run.json", _run_json(summary, tr, va))
@@ -431,9 +488,10 @@ def _write_run(out: Path, cfg: TrainConfig, summary: dict, classifier, layers, h
     atomic_write_json(out / "config.json", cfg.to_dict())
     atomic_write_text(out / "labels.txt", "\n".join(summary["classes"]) + "\n")
     save_head(out / "head.npz", layers)
-    tmp = out / ".model.keras.tmp.keras"
-    classifier.save(tmp)
-    os.replace(tmp, out / "model.keras")
+    if classifier is not None:  # None: trained without TensorFlow; Run builds model.keras when needed
+        tmp = out / ".model.keras.tmp.keras"
+        classifier.save(tmp)
+        os.replace(tmp, out / "model.keras")
     buf = io.StringIO()
     cols = ["epoch", "stage", "loss", "accuracy", "val_loss", "val_accuracy"]
     w = csv.DictWriter(buf, fieldnames=cols)
