@@ -225,10 +225,16 @@ def test_fine_tune_keeps_batchnorm_frozen_and_changes_top_convs(tiny_data, tmp_p
     from edgetl.train.run import Run
 
     cfg = TrainConfig(data_dir=str(tiny_data["train"]), out_dir=str(tmp_path / "ft"), val_dir=str(tiny_data["val"]),
-                      alpha=0.35, size=96, weights=str(WEIGHTS_035), epochs=2, fine_tune_layers=12,
-                      fine_tune_epochs=2, fine_tune_lr=1e-3, batch_size=8)
+                      alpha=0.35, size=96, weights=str(WEIGHTS_035), fine_tune=True,
+                      fine_tune_epochs=2, fine_tune_views=2, batch_size=8)
     summary = train(cfg)
-    assert summary["fine_tune"]["layers_unfrozen"] > 0
+    ft = summary["fine_tune"]
+    assert ft["from_layer"] == ft["cut_at"] == "block_13_expand" and ft["layers_trained"] > 0
+    # searched on the training photos with the validation ones, then fitted again on all of them
+    assert ft["fit_on"] == "train+val" and ft["num_fit"] == summary["num_train"] + summary["num_val"]
+    assert 1 <= ft["best_epoch"] == ft["epochs_all"] <= 2
+    names = [layer.name for layer in Run(tmp_path / "ft").backbone_model.layers]
+    below = names.index("block_13_expand")
     tuned = Run(tmp_path / "ft").backbone_model
     fresh = keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, include_top=False,
                                            weights=str(WEIGHTS_035), pooling="avg")
@@ -241,6 +247,8 @@ def test_fine_tune_keeps_batchnorm_frozen_and_changes_top_convs(tiny_data, tmp_p
             elif not same:
                 changed_conv += 1
     assert changed_conv > 0
+    for a, b in zip(tuned.layers[:below], fresh.layers[:below]):  # the trunk below the cut is untouched
+        assert all(np.array_equal(np.asarray(wa), np.asarray(wb)) for wa, wb in zip(a.weights, b.weights)), a.name
     assert tuned.layers[1].name == fresh.layers[1].name
     assert np.array_equal(np.asarray(tuned.layers[1].weights[0]), np.asarray(fresh.layers[1].weights[0]))
     from edgetl.train.backbones import weights_digest
@@ -306,3 +314,73 @@ def test_the_default_run_trains_without_tensorflow_once_its_backbone_is_recorded
 
     feats = np.asarray(run.backbone_model.predict(x, verbose=0))
     np.testing.assert_allclose(probs, head_predict(feats, run.head()), atol=1e-5)
+
+
+# As where TensorFlow is not installed at all (the GPU machine): importing it fails, and
+# importlib finds no such module.
+_NO_TF = """
+import importlib.util, sys
+sys.modules["tensorflow"] = None
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda n, *a: None if n.split(".")[0] == "tensorflow" else _find(n, *a)
+from edgetl.cli.main import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_jax_backend_fine_tunes_without_tensorflow_and_the_run_exports_with_it(tiny_data, tmp_path):
+    """KERAS_BACKEND=jax: `edgetl train --fine-tune` where TensorFlow cannot be imported; then
+    `edgetl export` (TensorFlow) of that run folder, its files checked against Keras."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax")
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    train = subprocess.run(
+        [sys.executable, "-c", _NO_TF, "train", str(tiny_data["train"]), "--val", str(tiny_data["val"]),
+         "--out", str(run), "--alpha", "0.35", "--size", "96", "--weights", str(WEIGHTS_035), "--fine-tune",
+         "--fine-tune-epochs", "2", "--fine-tune-views", "2", "--json"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-2000:]
+    summary = json.loads(train.stdout)
+    assert summary["devices"]["backend"] == "jax"
+    # features: Keras on JAX, or the LiteRT file an earlier TensorFlow run made; never a conversion
+    fe = summary["feature_engine"]
+    assert fe["engine"] == "keras" or (fe["engine"] == "litert" and not fe["converted"])
+    assert summary["fine_tune"]["fit_on"] == "train+val" and summary["fine_tune"]["layers_trained"] > 0
+    env["KERAS_BACKEND"] = "tensorflow"
+    export = subprocess.run(
+        [sys.executable, "-m", "edgetl.cli.main", "export", str(run), "-f", "tflite:fp32", "--out", str(bundle),
+         "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-2000:]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["backbone"]["weights_sha256"] == summary["backbone"]["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_jax_data_parallel_on_two_simulated_devices_gives_the_one_device_head(tiny_data, tmp_path):
+    """--distribute mirrored under JAX (keras.distribution.DataParallel) on two host devices
+    (XLA_FLAGS=--xla_force_host_platform_device_count=2): the fine-tuned head of one device."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax")
+    heads = []
+    for n, extra in ((1, []), (2, ["--distribute", "mirrored"])):
+        env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        out = tmp_path / f"d{n}"
+        r = subprocess.run(
+            [sys.executable, "-c", _NO_TF, "train", str(tiny_data["train"]), "--val", str(tiny_data["val"]),
+             "--out", str(out), "--alpha", "0.35", "--size", "96", "--weights", str(WEIGHTS_035), "--fine-tune",
+             "--fine-tune-epochs", "2", "--fine-tune-views", "2", "--json", *extra],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads(r.stdout)["devices"]["replicas"] == n
+        with np.load(out / "head.npz") as z:
+            heads.append({k: z[k] for k in z.files})
+    for k in heads[0]:
+        np.testing.assert_allclose(heads[1][k], heads[0][k], atol=1e-5)

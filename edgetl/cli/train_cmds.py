@@ -83,16 +83,24 @@ _T = TrainConfig  # defaults are read from the config dataclass: written once
 @click.option("--augment", is_flag=True,
               help="Train on augmented images (flip, rotation, zoom, brightness) instead of cached features; "
                    "runs the backbone on every image every epoch.")
+@click.option("--fine-tune", is_flag=True,
+              help="Fine-tune the top of the backbone after the head with the measured recipe (README "
+                   "'Fine-tuning'): trunk activations of a few views per photo, warm-up + cosine, early stopping "
+                   "on the validation loss, then the final fit on all photos.")
 @click.option("--fine-tune-layers", type=click.IntRange(min=0), default=default(_T, "fine_tune_layers"),
-              show_default=True, help="Unfreeze the top N backbone layers after the head (BatchNorm stays frozen).")
-@click.option("--fine-tune-from", default=None, help="Unfreeze the backbone from this layer name upwards.")
+              show_default=True, help="Fine-tune the top N backbone layers instead of the recipe's (BatchNorm stays "
+                                      "frozen).")
+@click.option("--fine-tune-from", default=None, help="Fine-tune the backbone from this layer name upwards.")
 @click.option("--fine-tune-epochs", type=click.IntRange(min=1), default=default(_T, "fine_tune_epochs"),
-              show_default=True, help="Epochs of fine-tuning (with --fine-tune-layers or --fine-tune-from).")
+              show_default=True, help="Most epochs of fine-tuning (early stopping on the validation loss).")
 @click.option("--fine-tune-lr", type=float, default=default(_T, "fine_tune_lr"), show_default=True,
-              help="Learning rate of fine-tuning (Adam).")
+              help="Peak learning rate of fine-tuning (Adam, one warm-up epoch, cosine decay).")
+@click.option("--fine-tune-views", type=click.IntRange(min=1), default=default(_T, "fine_tune_views"),
+              show_default=True, help="Views per photo for fine-tuning: the photo, its mirror image, random crops.")
 @click.option("--distribute", type=click.Choice(list(DISTRIBUTE)), default=default(_T, "distribute"), show_default=True,
-              help="mirrored: all local GPUs; multiworker: the cluster in TF_CONFIG.")
-@click.option("--mixed-precision", is_flag=True, help="float16 compute on GPU.")
+              help="mirrored: all local devices (TensorFlow MirroredStrategy, JAX DataParallel); multiworker: "
+                   "several machines (TF_CONFIG, or jax.distributed under KERAS_BACKEND=jax).")
+@click.option("--mixed-precision", is_flag=True, help="bfloat16 compute on GPU.")
 @click.option("--strict", is_flag=True, help="An unreadable image is an error instead of a skipped file.")
 @click.option("--seed", type=int, default=default(_T, "seed"), show_default=True, help="Random seed.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,

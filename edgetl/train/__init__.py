@@ -13,7 +13,9 @@ def __getattr__(name: str):
 
         # Checked, not imported: a default head-only run on a recorded LiteRT backbone never
         # imports TensorFlow (see edgetl.train.quick).
-        require_installed("tensorflow", "train")
+        from .backend import wanted
+
+        require_installed(wanted(), "train" if wanted() == "tensorflow" else f"train-{wanted()}")  # KERAS_BACKEND: tensorflow (default), jax or torch
         require_installed("keras", "train")
         from .trainer import train
 

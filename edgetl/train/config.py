@@ -40,10 +40,16 @@ class TrainConfig:
         class_weights: "balanced" (weights inverse to class frequency) or "none".
         augment: train on augmented images through the frozen backbone instead of cached
             features (slower: the backbone runs on every image in every epoch).
-        fine_tune_layers / fine_tune_from: unfreeze the top N layers, or all layers from a
-            named one; BatchNorm layers always stay frozen, in inference mode.
-        distribute: "none", "mirrored" (all local GPUs) or "multiworker" (TF_CONFIG).
-        mixed_precision: float16 compute on GPU (ignored, with a warning, without one).
+        fine_tune: fine-tune the top of the backbone with the measured recipe
+            (:mod:`edgetl.train.finetune`: from block_13_expand for MobileNetV2).
+        fine_tune_layers / fine_tune_from: instead of the recipe's layer, train the top N layers, or
+            all layers from a named one; BatchNorm layers always stay frozen, in inference mode.
+        fine_tune_epochs, fine_tune_lr, fine_tune_views: the most epochs (early stopping on the
+            validation loss), the peak learning rate (Adam, warm-up then cosine) and the views of
+            each photo (itself, mirrored, random crops) the trunk's activations are kept for.
+        distribute: "none", "mirrored" (all local devices: TensorFlow's MirroredStrategy, JAX's
+            DataParallel) or "multiworker" (TF_CONFIG under TensorFlow, jax.distributed under JAX).
+        mixed_precision: bfloat16 compute on GPU (ignored, with a warning, without one).
         strict: an unreadable image is an error instead of a skipped file.
         cache_dir: where features are cached; default ``<out_dir>/cache``.
         feature_engine: what runs the frozen backbone for features: "litert" (the backbone
@@ -72,10 +78,12 @@ class TrainConfig:
     class_weights: str = "balanced"
     patience: int = 10
     augment: bool = False
+    fine_tune: bool = False
     fine_tune_layers: int = 0
     fine_tune_from: str | None = None
-    fine_tune_epochs: int = 5
-    fine_tune_lr: float = 1e-5
+    fine_tune_epochs: int = 15
+    fine_tune_lr: float = 3e-4
+    fine_tune_views: int = 4
     distribute: str = "none"
     mixed_precision: bool = False
     strict: bool = False
@@ -132,6 +140,11 @@ class TrainConfig:
             raise ConfigError(f"distribute must be one of {DISTRIBUTE}; received {self.distribute!r}")
         if self.fine_tune_layers < 0:
             raise ConfigError(f"fine_tune_layers must be >= 0; received {self.fine_tune_layers}")
+        if self.fine_tune_views < 1:
+            raise ConfigError(f"fine_tune_views must be at least 1; received {self.fine_tune_views}")
+        if self.fine_tunes and (self.hidden or self.augment):
+            raise ConfigError("fine-tuning starts from the converged linear head: it cannot take hidden layers or "
+                              "--augment (its own views of each photo are the augmentation)")
         if self.fine_tune_layers and self.fine_tune_from:
             raise ConfigError("give either fine_tune_layers or fine_tune_from, not both")
         if any(h < 1 for h in self.hidden):
@@ -151,4 +164,4 @@ class TrainConfig:
 
     @property
     def fine_tunes(self) -> bool:
-        return bool(self.fine_tune_layers) or bool(self.fine_tune_from)
+        return self.fine_tune or bool(self.fine_tune_layers) or bool(self.fine_tune_from)

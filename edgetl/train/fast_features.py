@@ -65,6 +65,11 @@ def litert_backbone(backbone: Backbone, probe: np.ndarray) -> tuple[LiteRTBackbo
     info: dict = {"file": str(path), "converted": False}
     try:
         if not path.is_file():
+            import keras
+
+            if keras.backend.backend() != "tensorflow":  # the converter needs TensorFlow's own graph
+                return None, {**info, "used": False,
+                              "reason": f"converting needs the tensorflow backend (this run: {keras.backend.backend()})"}
             log.info("converting the backbone to TFLite once, for faster features: %s", path)
             convert(backbone, path)
             info["converted"] = True

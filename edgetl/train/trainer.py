@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import logging
 import os
@@ -21,8 +20,8 @@ from ..fileio import atomic_write_json, atomic_write_text, commit_dir, make_stag
 from ..head.arrays import head_predict, save_head
 from ..head.solver import balanced_class_weights, choose_l2, solve_softmax
 from ..metrics import classification_report
-from . import quick
-from .backbones import Backbone, build_backbone, weights_digest
+from . import backend, quick
+from .backbones import build_backbone, weights_digest
 from .config import TrainConfig
 from .fast_features import FeatureEngine
 from .features import FeatureCache, Features, extract_features
@@ -37,24 +36,6 @@ from .run import check_run_target
 
 log = logging.getLogger("edgetl")
 Progress = Callable[..., None]  # (stage, done, total, note=None)
-
-
-def get_strategy(name: str):
-    import tensorflow as tf
-
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multiworker":
-        if "TF_CONFIG" not in os.environ:
-            raise ConfigError("distribute='multiworker' needs the TF_CONFIG environment variable describing the cluster")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def gpu_names() -> list[str]:
-    import tensorflow as tf
-
-    return [d.name for d in tf.config.list_physical_devices("GPU")]
 
 
 def class_weight_map(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
@@ -101,32 +82,6 @@ def _loss(label_smoothing: float):
     import keras
 
     return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
-
-
-def _unfreeze(backbone: Backbone, cfg: TrainConfig) -> int:
-    """Make the top of the backbone trainable (BatchNorm stays frozen); return how many layers."""
-    import keras
-
-    layers = backbone.model.layers
-    if cfg.fine_tune_from:
-        names = [layer.name for layer in layers]
-        if cfg.fine_tune_from not in names:
-
-            close = difflib.get_close_matches(cfg.fine_tune_from, names, n=3)
-            raise ConfigError(
-                f"backbone {backbone.spec.name} has no layer {cfg.fine_tune_from!r}"
-                + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
-            )
-        start = names.index(cfg.fine_tune_from)
-    else:
-        start = max(0, len(layers) - cfg.fine_tune_layers)
-    backbone.model.trainable = True
-    count = 0
-    for i, layer in enumerate(layers):
-        train_it = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = train_it
-        count += int(train_it and bool(layer.weights))
-    return count
 
 
 def train(cfg: TrainConfig, progress: Progress | None = None, force: bool = False) -> dict:
@@ -187,7 +142,7 @@ def _solve_head(cfg: TrainConfig, tr: Features, va: Features, num_classes: int, 
                "iterations": info["iterations"], "loss": info["loss"], "grad_max": info["grad_max"],
                "converged": info["converged"], "fit_on": "train", "num_fit": int(len(tr.labels))}
     final, val_layers = layers, None
-    if cfg.final_fit == "all" and len(va.labels) and not cfg.fine_tunes:
+    if cfg.final_fit == "all" and len(va.labels):
         x = np.concatenate([tr.features, va.features])
         y = np.concatenate([tr.labels, va.labels])
         final, info_all = solve_softmax(x, y, num_classes, l2, balance, init=layers)
@@ -276,7 +231,7 @@ def _train_quick(cfg: TrainConfig, target: Path, out: Path, progress: Progress |
     t0 = time.perf_counter()
     layers, val_layers, head_training, row = _solve_head(cfg, tr, va, len(classes), progress)
     t_head = time.perf_counter() - t0
-    report, val_loss = _validate(cfg, None, layers, val_layers, va, classes, spec, [row])
+    report, val_loss = _validate(cfg, None, layers, val_layers, va, classes, [row])
     engine = {"engine": "litert", "file": str(rec["path"]), "converted": False, "used": True,
               "max_relative_difference": rec.get("max_relative_difference"), "tensorflow": "not imported",
               "checked_against_keras": "when the file was recorded (quick path)"}
@@ -316,13 +271,9 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
         _seed_cache(target / "cache", out / "cache")
     train_folder, val_folder = _folders(cfg)
     classes = train_folder.classes
-    gpus = gpu_names()
-    if cfg.mixed_precision:
-        if gpus:
-            keras.mixed_precision.set_global_policy("mixed_float16")
-        else:
-            log.warning("mixed precision asked for but no GPU is visible; training in float32")
-    strategy = get_strategy(cfg.distribute)
+    gpus = backend.accelerators()
+    policy = backend.mixed_precision(cfg.mixed_precision, gpus)
+    strategy = backend.placement(cfg.distribute)
     with strategy.scope():
         backbone = build_backbone(cfg.backbone, cfg.alpha, cfg.size, cfg.weights)
     spec = backbone.preprocessing
@@ -341,14 +292,16 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
     history_rows, head_training, val_layers = _fit_head(cfg, strategy, tr, va, head, classifier, spec, progress)
     t_head = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fine = _fine_tune(cfg, strategy, backbone, classifier, tr, va, history_rows, progress) if cfg.fine_tunes else None
+    fine, val_probs = None, None
+    if cfg.fine_tunes:
+        fine, val_probs = _fine_tune(cfg, strategy, backbone, head, tr, va, val_layers, history_rows, progress)
     t_fine = time.perf_counter() - t0 if fine else 0.0
 
     layers = head_layers(head)
-    report, val_loss = _validate(cfg, classifier, layers, val_layers, va, classes, spec, history_rows)
+    report, val_loss = _validate(cfg, val_probs, layers, val_layers, va, classes, history_rows)
     summary = _summary(cfg, target, out, classes, tr, va, report, val_loss, backbone.identity(), spec, layers,
                        head_training, fine, cache, extractor.info,
-                       {"gpus": gpus, "distribute": cfg.distribute, "replicas": int(strategy.num_replicas_in_sync)},
+                       {"gpus": gpus, **strategy.describe(), "precision": policy},
                        {"features": round(t_features, 3), "head": round(t_head, 3), "fine_tune": round(t_fine, 3)})
     _write_run(out, cfg, summary, classifier, layers, history_rows, report, tr, va)
     summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
@@ -412,48 +365,36 @@ def _fit_head(cfg: TrainConfig, strategy, tr: Features, va: Features, head, clas
     return _history_rows(hist, "head", 0), head_training, None
 
 
-def _fine_tune(cfg: TrainConfig, strategy, backbone: Backbone, classifier, tr: Features, va: Features,
-               history_rows: list[dict], progress: Progress | None) -> dict:
-    """The top of the backbone trained with the head, on photos; the history rows are appended."""
-    import keras
+def _fine_tune(cfg: TrainConfig, strategy, backbone, head, tr: Features, va: Features, val_layers,
+               history_rows: list[dict], progress: Progress | None) -> tuple[dict, np.ndarray | None]:
+    """The top of the backbone trained with the head (:mod:`.finetune`); history rows appended.
+    The search starts from the head fitted on the training photos, the final fit (``final_fit``
+    'all') from the one on all photos."""
+    from .finetune import fine_tune
 
-    num_classes = int(classifier.output_shape[-1])
+    now = head_layers(head)
+    head_train, head_all = (val_layers, now) if val_layers is not None else (now, None)
     with strategy.scope():
-        n_unfrozen = _unfreeze(backbone, cfg)
-        classifier.compile(optimizer=keras.optimizers.Adam(cfg.fine_tune_lr),
-                           loss=_loss(cfg.label_smoothing), metrics=["accuracy"])
-    has_val = len(va.labels) > 0
-    ds_tr = make_image_dataset(tr.samples, backbone.preprocessing, num_classes, cfg.batch_size, shuffle=True,
-                               seed=cfg.seed + 1)
-    ds_va = make_image_dataset(va.samples, backbone.preprocessing, num_classes, cfg.batch_size,
-                               shuffle=False) if has_val else None
-    early = keras.callbacks.EarlyStopping(monitor="val_loss" if has_val else "loss", patience=cfg.patience,
-                                          restore_best_weights=True)
-    hist = classifier.fit(ds_tr, validation_data=ds_va, epochs=cfg.fine_tune_epochs,
-                          class_weight=class_weight_map(tr.labels, num_classes, cfg.class_weights), verbose=0,
-                          callbacks=[early, _progress_callback(progress, "fine-tune", cfg.fine_tune_epochs)])
-    history_rows += _history_rows(hist, "fine_tune", len(history_rows))
-    ran = len(hist.history.get("loss", []))
-    if progress:
-        progress("fine-tune", ran, ran)
-    backbone.model.trainable = False
+        summary, rows, val_probs = fine_tune(cfg, backbone, head, tr.samples, va.samples, head_train, head_all,
+                                             progress)
+    offset = len(history_rows)
+    history_rows += [{"epoch": offset + i + 1, **r} for i, r in enumerate(rows)]
     backbone.weights_sha256 = weights_digest(backbone.model)
-    return {"layers_unfrozen": n_unfrozen, "epochs_run": ran, "learning_rate": cfg.fine_tune_lr}
+    return summary, val_probs
 
 
-def _validate(cfg: TrainConfig, classifier, layers, val_layers, va: Features, classes: list[str], spec,
+def _validate(cfg: TrainConfig, val_probs, layers, val_layers, va: Features, classes: list[str],
               history_rows: list[dict]) -> tuple[dict, float | None]:
     """Validation figures: through the head on cached features while the backbone is the frozen
-    one (numerically the classifier's own output); through photos after fine-tuning."""
+    one (numerically the classifier's own output); after fine-tuning, the fine-tuned model's
+    (trained on the training photos) on the photos themselves."""
     if not len(va.labels):
         val_probs = np.zeros((0, len(classes)), np.float32)
-    elif cfg.fine_tunes:
-        ds_va = make_image_dataset(va.samples, spec, len(classes), cfg.batch_size, shuffle=False)
-        val_probs = np.asarray(classifier.predict(ds_va, verbose=0), np.float32)
-    else:
+    elif val_probs is None:
         val_probs = head_predict(va.features, layers if val_layers is None else val_layers)
     report = classification_report(va.labels, val_probs.argmax(axis=1), classes)
-    val_loss = float(min(r["val_loss"] for r in history_rows if "val_loss" in r)) if len(va.labels) else None
+    losses = [r["val_loss"] for r in history_rows if "val_loss" in r]
+    val_loss = float(min(losses)) if len(va.labels) and losses else None
     return report, val_loss
 
 
