@@ -75,6 +75,10 @@ def placement(mode: str, backend: str | None = None) -> Placement:
     machines: TF_CONFIG under TensorFlow; ``jax.distributed`` under JAX, from its environment
     variables or a cluster it detects)."""
     backend = backend or name()
+    if backend == "jax":
+        import keras
+
+        keras.distribution.set_distribution(None)  # nothing left from an earlier run in this process
     if mode == "none":
         return Placement(mode, backend)
     if backend == "tensorflow":

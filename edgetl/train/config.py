@@ -144,7 +144,8 @@ class TrainConfig:
             raise ConfigError(f"fine_tune_views must be at least 1; received {self.fine_tune_views}")
         if self.fine_tunes and (self.hidden or self.augment):
             raise ConfigError("fine-tuning starts from the converged linear head: it cannot take hidden layers or "
-                              "--augment (its own views of each photo are the augmentation)")
+                              "--augment (its own views of each photo are the augmentation); received "
+                              f"hidden {list(self.hidden)}, augment {self.augment}")
         if self.fine_tune_layers and self.fine_tune_from:
             raise ConfigError("give either fine_tune_layers or fine_tune_from, not both")
         if any(h < 1 for h in self.hidden):

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .. import preprocess
 from ..data import Sample
 from ..errors import ConfigError, DataError
 from ..head.arrays import Layers
+from .head import set_head_layers
 
 log = logging.getLogger("edgetl")
 
@@ -124,8 +124,7 @@ def render_views(data: bytes, name: str, size: int, views: int, rng: np.random.G
         ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
         cw, ch = min(w, max(1, round(math.sqrt(area * ratio)))), min(h, max(1, round(math.sqrt(area / ratio))))
         x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        px = np.asarray(img.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), Image.Resampling.BILINEAR),
-                        np.uint8)
+        px = preprocess.resize_rgb(img.crop((x0, y0, x0 + cw, y0 + ch)), size)
         out.append(px[:, ::-1] if rng.random() < 0.5 else px)
     return np.ascontiguousarray(np.stack(out))
 
@@ -136,11 +135,22 @@ class TrunkActivations:
 
     def __init__(self, bottom, samples: Sequence[Sample], spec: preprocess.Preprocessing, views: int, seed: int,
                  batch_size: int, progress: Progress | None = None, stage: str = "trunk",
-                 directory: str | None = None):
-        self.dir = Path(tempfile.mkdtemp(prefix="edgetl-trunk-", dir=directory))
+                 directory: str | Path | None = None):
+        self.dir = Path(tempfile.mkdtemp(prefix=".trunk-", dir=directory))
         shape = tuple(int(d) for d in bottom.output.shape[1:])
         n = len(samples)
-        self.acts = np.lib.format.open_memmap(self.dir / "acts.npy", "w+", np.float16, (n, views, *shape))
+        path = self.dir / "acts.npy"
+        try:
+            self.acts = np.lib.format.open_memmap(path, "w+", np.float16, (n, views, *shape))
+            # Reserve the blocks now: a full disk is then this error, not a crash (SIGBUS) mid-run.
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            need = n * views * int(np.prod(shape)) * 2
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise DataError(f"cannot keep the fine-tuning views in {self.dir.parent}: {exc.strerror or exc}; "
+                            f"they need {need / 1e6:.0f} MB ({n} photos x {views} views); free space there or "
+                            f"pass fewer --fine-tune-views") from None
         self.labels = np.array([s.label for s in samples], np.int64)
         rngs = [np.random.default_rng([seed, i]) for i in range(n)]  # per photo: the same views in any order
 
@@ -168,9 +178,11 @@ class TrunkActivations:
 
 
 def _batches(acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int, seed: int, *,
-             train: bool, weights: np.ndarray | None = None):
+             train: bool, weights: np.ndarray | None = None, replicas: int = 1):
     """A ``keras.utils.PyDataset``: in training, every epoch one random view of each photo in a
-    new order; otherwise the first view (the photo itself) in order."""
+    new order; otherwise the first view (the photo itself) in order. Over several devices every
+    batch divides among them: in training the last batch loses at most ``replicas - 1`` photos (chosen anew
+    every epoch); otherwise it is padded with rows of weight 0."""
     import keras
 
     class ViewBatches(keras.utils.PyDataset):
@@ -189,9 +201,17 @@ def _batches(acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size:
 
         def __getitem__(self, i):
             idx = np.sort(self.order[i * batch_size : (i + 1) * batch_size])
+            w = weights[labels[idx]].astype(np.float32) if weights is not None else np.ones(len(idx), np.float32)
+            if replicas > 1 and len(idx) % replicas:
+                keep = len(idx) - len(idx) % replicas
+                if train and keep:  # the photos left out are others in the next epoch's order
+                    idx, w = idx[:keep], w[:keep]
+                else:
+                    pad = replicas - len(idx) % replicas
+                    idx, w = np.concatenate([idx, idx[-1:].repeat(pad)]), np.concatenate([w, np.zeros(pad, np.float32)])
             x = acts[idx, self.view[idx]].astype(np.float32)
             y = np.eye(num_classes, dtype=np.float32)[labels[idx]]
-            return (x, y, weights[labels[idx]].astype(np.float32)) if weights is not None else (x, y)
+            return (x, y, w) if weights is not None or replicas > 1 else (x, y)
 
         def on_epoch_end(self):
             if train:
@@ -211,13 +231,13 @@ def _schedule(lr: float, steps_per_epoch: int, epochs: int):
 
 
 def _train_top(top, head, acts, labels, num_classes: int, weights, cfg, epochs: int, seed: int, val=None,
-               progress: Progress | None = None, stage: str = "fine-tune"):
+               progress: Progress | None = None, stage: str = "fine-tune", replicas: int = 1):
     """Adam with warm-up and cosine decay on ``top`` + ``head``; early stopping on ``val``."""
     import keras
 
     inp = keras.Input(acts.shape[2:], name="trunk_activations")
     model = keras.Model(inp, head(top(inp)), name="fine_tune")
-    data = _batches(acts, labels, num_classes, cfg.batch_size, seed, train=True, weights=weights)
+    data = _batches(acts, labels, num_classes, cfg.batch_size, seed, train=True, weights=weights, replicas=replicas)
     model.compile(optimizer=keras.optimizers.Adam(_schedule(cfg.fine_tune_lr, len(data), epochs)),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=LABEL_SMOOTHING),
                   metrics=["accuracy"])
@@ -231,27 +251,21 @@ def _train_top(top, head, acts, labels, num_classes: int, weights, cfg, epochs: 
     if val is not None:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
                                                        restore_best_weights=True))
-        val = _batches(val[0], val[1], num_classes, cfg.batch_size, seed, train=False)
+        val = _batches(val[0], val[1], num_classes, cfg.batch_size, seed, train=False, replicas=replicas)
     hist = model.fit(data, validation_data=val, epochs=epochs, verbose=0, callbacks=callbacks)
     return model, hist
 
 
-def _set_dense(head, layers: Layers) -> None:
-    import keras
-
-    dense = [layer for layer in head.layers if isinstance(layer, keras.layers.Dense)]
-    for layer, (w, b) in zip(dense, layers):
-        layer.set_weights([w, b])
-
-
 def fine_tune(cfg, backbone, head, train_samples: Sequence[Sample], val_samples: Sequence[Sample],
-              head_train: Layers, head_all: Layers | None, progress: Progress | None = None):
+              head_train: Layers, head_all: Layers | None, progress: Progress | None = None, replicas: int = 1,
+              workdir: str | Path | None = None):
     """Fine-tune ``backbone.model`` and ``head`` in place (see the module's recipe).
 
     ``head_train``: the converged head on the training photos (the start of the search on the
     validation photos); ``head_all``: on all photos (the start of the final fit), or None to keep
-    the model trained on the training photos. Returns (summary, history rows, validation
-    probabilities or None).
+    the model trained on the training photos. ``replicas``: devices a batch is split over;
+    ``workdir``: where the trunk's activations are kept while it runs (default: the temporary
+    folder). Returns (summary, history rows, validation probabilities or None).
     """
     import keras
 
@@ -265,18 +279,18 @@ def fine_tune(cfg, backbone, head, train_samples: Sequence[Sample], val_samples:
     samples = list(train_samples) + list(val_samples)
     ntr = len(train_samples)
     trunk = TrunkActivations(cut.bottom, samples, spec, cfg.fine_tune_views, cfg.seed, cfg.batch_size, progress,
-                             "fine-tune: trunk views", cfg.cache_dir)
+                             "fine-tune: trunk views", workdir)
     try:
         acts, labels = trunk.acts, trunk.labels
         balanced = cfg.class_weights == "balanced"
         start = [w.copy() for w in cut.top.get_weights()]
         rows: list[dict] = []
         has_val = len(val_samples) > 0
-        _set_dense(head, head_train)
+        set_head_layers(head, head_train)
         w_tr = balanced_class_weights(labels[:ntr], num_classes) if balanced else None
         _, hist = _train_top(cut.top, head, acts[:ntr], labels[:ntr], num_classes, w_tr, cfg, cfg.fine_tune_epochs,
                              cfg.seed + 1, (acts[ntr:], labels[ntr:]) if has_val else None, progress,
-                             "fine-tune (training photos)")
+                             "fine-tune (training photos)", replicas)
         h = hist.history
         ran = len(h.get("loss", []))
         best = int(np.argmin(h["val_loss"])) + 1 if has_val else ran
@@ -287,8 +301,8 @@ def fine_tune(cfg, backbone, head, train_samples: Sequence[Sample], val_samples:
         if has_val:
             inp = keras.Input(acts.shape[2:])
             probe = keras.Model(inp, head(cut.top(inp)))
-            val_probs = np.asarray(probe.predict(_batches(acts[ntr:], labels[ntr:], num_classes, cfg.batch_size, 0,
-                                                          train=False), verbose=0), np.float32)
+            val = _batches(acts[ntr:], labels[ntr:], num_classes, cfg.batch_size, 0, train=False, replicas=replicas)
+            val_probs = np.asarray(probe.predict(val, verbose=0), np.float32)[: len(val_samples)]
         summary = {"recipe": "cached trunk views, warm-up + cosine, early stopping on validation loss",
                    "from_layer": cut.start, "cut_at": cut.at, "layers_trained": cut.trained,
                    "views": cfg.fine_tune_views, "learning_rate": cfg.fine_tune_lr,
@@ -296,10 +310,10 @@ def fine_tune(cfg, backbone, head, train_samples: Sequence[Sample], val_samples:
                    "best_epoch": best, "fit_on": "train", "num_fit": ntr}
         if head_all is not None and has_val:
             cut.top.set_weights(start)
-            _set_dense(head, head_all)
+            set_head_layers(head, head_all)
             w_all = balanced_class_weights(labels, num_classes) if balanced else None
             _, hist_all = _train_top(cut.top, head, acts, labels, num_classes, w_all, cfg, best, cfg.seed + 2,
-                                     None, progress, "fine-tune (all photos)")
+                                     None, progress, "fine-tune (all photos)", replicas)
             for i, loss in enumerate(hist_all.history.get("loss", [])):
                 rows.append({"stage": "fine_tune_all", "loss": float(loss),
                              "accuracy": float(hist_all.history["accuracy"][i])})

@@ -39,6 +39,20 @@ def head_layers(head_model) -> Layers:
     ]
 
 
+def set_head_layers(head_model, layers: Layers) -> None:
+    """Put (W, b) arrays (e.g. the solver's) into the head's Dense layers, in order: the Keras
+    model, head.npz, the bundle and the device then hold the same numbers."""
+    import keras
+
+    from ..errors import ConfigError
+
+    dense = [layer for layer in head_model.layers if isinstance(layer, keras.layers.Dense)]
+    if len(dense) != len(layers):
+        raise ConfigError(f"the head has {len(dense)} dense layers; received {len(layers)} (W, b) pairs")
+    for layer, (w, b) in zip(dense, layers):
+        layer.set_weights([w, b])
+
+
 def build_classifier(backbone_model, head_model, size: int):
     """image -> backbone (always in inference mode, so BatchNorm stays frozen) -> head."""
     import keras

@@ -10,7 +10,7 @@ from ..data import Sample, scan_folder
 from ..errors import ConfigError, DataError, ModelError
 from ..head.arrays import Layers, load_head
 from ..preprocess import Preprocessing
-from .head import build_classifier
+from .head import build_classifier, set_head_layers
 
 # model.keras is not among them: a run trained without TensorFlow (edgetl.train.quick) gets it
 # built from its backbone and head.npz when first needed.
@@ -69,8 +69,6 @@ class Run:
         one the features came from) and head.npz; saved as model.keras when the folder allows."""
         import os
 
-        import keras
-
         from .backbones import build_backbone
         from .head import build_head
 
@@ -85,9 +83,7 @@ class Run:
                              "the one its features came from (weights sha256 differ); retrain the run")
         layers = self.head()
         head = build_head(backbone.feature_dim, len(self.labels), [w.shape[1] for w, _ in layers[:-1]])
-        dense = [layer for layer in head.layers if isinstance(layer, keras.layers.Dense)]
-        for layer, (w, b) in zip(dense, layers):
-            layer.set_weights([w, b])
+        set_head_layers(head, layers)
         classifier = build_classifier(backbone.model, head, backbone.size)
         tmp = self.dir / ".model.keras.tmp.keras"
         try:
@@ -119,9 +115,7 @@ class Run:
         import keras
 
         head = keras.models.clone_model(self.head_model)
-        dense = [layer for layer in head.layers if isinstance(layer, keras.layers.Dense)]
-        for layer, (w, b) in zip(dense, layers):
-            layer.set_weights([w, b])
+        set_head_layers(head, layers)
         return build_classifier(self.backbone_model, head, int(self.preprocessing.size))
 
     def samples(self, which: str) -> list[Sample]:

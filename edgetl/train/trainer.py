@@ -31,6 +31,7 @@ from .head import (
     build_head,
     head_layers,
     make_image_dataset,
+    set_head_layers,
 )
 from .run import check_run_target
 
@@ -154,18 +155,6 @@ def _solve_head(cfg: TrainConfig, tr: Features, va: Features, num_classes: int, 
     return final, val_layers, summary, row
 
 
-def _set_head(head_model, layers) -> None:
-    """Put solved (W, b) arrays into the Keras head's Dense layers: Keras model, head.npz, the
-    bundle and the device then hold the same numbers."""
-    import keras
-
-    dense = [layer for layer in head_model.layers if isinstance(layer, keras.layers.Dense)]
-    if len(dense) != len(layers):
-        raise ConfigError(f"the head has {len(dense)} dense layers; the solver gave {len(layers)}")
-    for layer, (w, b) in zip(dense, layers):
-        layer.set_weights([w, b])
-
-
 def _seed_cache(old: Path, new: Path) -> None:
     """Reuse an earlier run's feature cache: hard links where possible (the files are replaced, never edited)."""
     if not old.is_dir():
@@ -274,6 +263,15 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
     gpus = backend.accelerators()
     policy = backend.mixed_precision(cfg.mixed_precision, gpus)
     strategy = backend.placement(cfg.distribute)
+    if strategy.backend == "jax" and strategy.replicas > 1:
+        # keras.distribution splits every batch over the devices: it must divide.
+        if cfg.batch_size % strategy.replicas:
+            raise ConfigError(f"--distribute {cfg.distribute} splits each batch over {strategy.replicas} devices; "
+                              f"received --batch-size {cfg.batch_size}, expected a multiple of {strategy.replicas}")
+        if cfg.head_solver != "lbfgs":
+            raise ConfigError(f"--distribute {cfg.distribute} under JAX trains the linear (lbfgs) head and fine-tuning; "
+                              f"received solver {cfg.head_solver!r} (hidden layers, --augment or --solver adam): "
+                              "run those on one device")
     with strategy.scope():
         backbone = build_backbone(cfg.backbone, cfg.alpha, cfg.size, cfg.weights)
     spec = backbone.preprocessing
@@ -294,7 +292,7 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
     t0 = time.perf_counter()
     fine, val_probs = None, None
     if cfg.fine_tunes:
-        fine, val_probs = _fine_tune(cfg, strategy, backbone, head, tr, va, val_layers, history_rows, progress)
+        fine, val_probs = _fine_tune(cfg, strategy, backbone, head, tr, va, val_layers, history_rows, progress, out)
     t_fine = time.perf_counter() - t0 if fine else 0.0
 
     layers = head_layers(head)
@@ -331,7 +329,7 @@ def _fit_head(cfg: TrainConfig, strategy, tr: Features, va: Features, head, clas
     num_classes = int(head.output_shape[-1])
     if cfg.head_solver == "lbfgs":
         solved, val_layers, head_training, row = _solve_head(cfg, tr, va, num_classes, progress)
-        _set_head(head, solved)
+        set_head_layers(head, solved)
         return [row], head_training, val_layers
     ytr = keras.utils.to_categorical(tr.labels, num_classes)
     yva = keras.utils.to_categorical(va.labels, num_classes) if len(va.labels) else None
@@ -366,7 +364,7 @@ def _fit_head(cfg: TrainConfig, strategy, tr: Features, va: Features, head, clas
 
 
 def _fine_tune(cfg: TrainConfig, strategy, backbone, head, tr: Features, va: Features, val_layers,
-               history_rows: list[dict], progress: Progress | None) -> tuple[dict, np.ndarray | None]:
+               history_rows: list[dict], progress: Progress | None, workdir: Path) -> tuple[dict, np.ndarray | None]:
     """The top of the backbone trained with the head (:mod:`.finetune`); history rows appended.
     The search starts from the head fitted on the training photos, the final fit (``final_fit``
     'all') from the one on all photos."""
@@ -376,7 +374,7 @@ def _fine_tune(cfg: TrainConfig, strategy, backbone, head, tr: Features, va: Fea
     head_train, head_all = (val_layers, now) if val_layers is not None else (now, None)
     with strategy.scope():
         summary, rows, val_probs = fine_tune(cfg, backbone, head, tr.samples, va.samples, head_train, head_all,
-                                             progress)
+                                             progress, strategy.replicas, workdir)
     offset = len(history_rows)
     history_rows += [{"epoch": offset + i + 1, **r} for i, r in enumerate(rows)]
     backbone.weights_sha256 = weights_digest(backbone.model)
