@@ -226,10 +226,10 @@ def test_fine_tune_keeps_batchnorm_frozen_and_changes_top_convs(tiny_data, tmp_p
 
     cfg = TrainConfig(data_dir=str(tiny_data["train"]), out_dir=str(tmp_path / "ft"), val_dir=str(tiny_data["val"]),
                       alpha=0.35, size=96, weights=str(WEIGHTS_035), fine_tune=True,
-                      fine_tune_epochs=2, fine_tune_views=2, batch_size=8)
+                      fine_tune_epochs=2, fine_tune_views=2, batch_size=8, fine_tune_keep="always")
     summary = train(cfg)
     ft = summary["fine_tune"]
-    assert ft["from_layer"] == ft["cut_at"] == "block_13_expand" and ft["layers_trained"] > 0
+    assert ft["from_layer"] == ft["cut_at"] == "block_13_expand" and ft["layers_trained"] > 0 and ft["kept"]
     # searched on the training photos with the validation ones, then fitted again on all of them
     assert ft["fit_on"] == "train+val" and ft["num_fit"] == summary["num_train"] + summary["num_val"]
     assert 1 <= ft["best_epoch"] == ft["epochs_all"] <= 2
@@ -254,6 +254,27 @@ def test_fine_tune_keeps_batchnorm_frozen_and_changes_top_convs(tiny_data, tmp_p
     from edgetl.train.backbones import weights_digest
 
     assert summary["backbone"]["weights_sha256"] == weights_digest(tuned) != weights_digest(fresh)
+
+
+def test_fine_tuning_that_loses_to_the_head_on_the_validation_photos_is_undone(tiny_data, tmp_path):
+    """--fine-tune-keep better (the default): a fine-tuned model less accurate than the head alone on
+    the validation photos (here wrecked by a learning rate of 3) leaves the run the head alone:
+    the pretrained backbone, the head-only run's head and validation figures."""
+    from edgetl.train import TrainConfig, train
+
+    common = dict(data_dir=str(tiny_data["train"]), val_dir=str(tiny_data["val"]), alpha=0.35, size=96,
+                  weights=str(WEIGHTS_035), batch_size=8)
+    summary = train(TrainConfig(out_dir=str(tmp_path / "ft"), fine_tune=True, fine_tune_epochs=2, fine_tune_views=1,
+                                fine_tune_lr=3.0, **common))
+    alone = train(TrainConfig(out_dir=str(tmp_path / "head"), **common))
+    ft = summary["fine_tune"]
+    assert ft["kept"] is False and ft["fit_on"] == "none"
+    assert ft["validation_accuracy"] <= ft["head_validation_accuracy"] == alone["val_accuracy"]
+    assert summary["val_accuracy"] == alone["val_accuracy"] and summary["val_loss"] == pytest.approx(alone["val_loss"])
+    assert summary["backbone"]["weights_sha256"] == alone["backbone"]["weights_sha256"]
+    with np.load(tmp_path / "ft" / "head.npz") as a, np.load(tmp_path / "head" / "head.npz") as b:
+        for k in a.files:
+            np.testing.assert_allclose(a[k], b[k], atol=1e-6)
 
 
 def test_mirrored_strategy_trains_on_the_local_devices(tiny_data, tmp_path):
@@ -342,7 +363,7 @@ def test_jax_backend_fine_tunes_without_tensorflow_and_the_run_exports_with_it(t
     train = subprocess.run(
         [sys.executable, "-c", _NO_TF, "train", str(tiny_data["train"]), "--val", str(tiny_data["val"]),
          "--out", str(run), "--alpha", "0.35", "--size", "96", "--weights", str(WEIGHTS_035), "--fine-tune",
-         "--fine-tune-epochs", "2", "--fine-tune-views", "2", "--json"],
+         "--fine-tune-epochs", "2", "--fine-tune-views", "2", "--fine-tune-keep", "always", "--json"],
         env=env, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-2000:]
     summary = json.loads(train.stdout)
@@ -360,27 +381,59 @@ def test_jax_backend_fine_tunes_without_tensorflow_and_the_run_exports_with_it(t
     assert manifest["backbone"]["weights_sha256"] == summary["backbone"]["weights_sha256"]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_jax_data_parallel_on_two_simulated_devices_gives_the_one_device_head(tiny_data, tmp_path):
+def test_jax_data_parallel_on_two_devices_and_two_processes_gives_the_one_device_head(tiny_data, tmp_path):
     """--distribute mirrored under JAX (keras.distribution.DataParallel) on two host devices
-    (XLA_FLAGS=--xla_force_host_platform_device_count=2): the fine-tuned head of one device."""
+    (XLA_FLAGS=--xla_force_host_platform_device_count=2), and --distribute multiworker in two
+    processes on localhost (jax.distributed, Gloo between them): the fine-tuned head of one device.
+    Then a process that sees other photos than process 0 stops both with an error saying so."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("jax")
+    args = ["train", str(tiny_data["train"]), "--val", str(tiny_data["val"]), "--alpha", "0.35", "--size", "96",
+            "--weights", str(WEIGHTS_035), "--fine-tune", "--fine-tune-epochs", "2", "--fine-tune-views", "2",
+            "--fine-tune-keep", "always", "--json"]
+    base = {**os.environ, "KERAS_BACKEND": "jax"}
+
+    def processes(name: str, data_of=lambda i: args):
+        env = {**base, "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"localhost:{_free_port()}",
+               "KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}
+        procs = [subprocess.Popen([sys.executable, "-c", _NO_TF, *data_of(i), "--out", str(tmp_path / f"{name}{i}"),
+                                   "--distribute", "multiworker"], env={**env, "KERAS_DISTRIBUTION_PROCESS_ID": str(i)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        return [(p.returncode, *o) for p, o in zip(procs, outs)]
+
     heads = []
     for n, extra in ((1, []), (2, ["--distribute", "mirrored"])):
-        env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
         out = tmp_path / f"d{n}"
-        r = subprocess.run(
-            [sys.executable, "-c", _NO_TF, "train", str(tiny_data["train"]), "--val", str(tiny_data["val"]),
-             "--out", str(out), "--alpha", "0.35", "--size", "96", "--weights", str(WEIGHTS_035), "--fine-tune",
-             "--fine-tune-epochs", "2", "--fine-tune-views", "2", "--json", *extra],
-            env=env, capture_output=True, text=True, timeout=600)
+        r = subprocess.run([sys.executable, "-c", _NO_TF, *args, "--out", str(out), *extra],
+                           env={**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"},
+                           capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads(r.stdout)["devices"]["replicas"] == n
-        with np.load(out / "head.npz") as z:
-            heads.append({k: z[k] for k in z.files})
-    for k in heads[0]:
-        np.testing.assert_allclose(heads[1][k], heads[0][k], atol=1e-5)
+        heads.append(dict(np.load(out / "head.npz")))
+    for i, (_, stdout, stderr) in enumerate(processes("p")):
+        assert stdout and json.loads(stdout)["devices"]["replicas"] == 2, stderr[-2000:]  # --json stays JSON
+        heads.append(dict(np.load(tmp_path / f"p{i}" / "head.npz")))
+    for h in heads[1:]:
+        for k in heads[0]:
+            np.testing.assert_allclose(h[k], heads[0][k], atol=1e-5)
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data["train"], other)
+    next(other.glob("daisy/*")).unlink()
+    results = processes("m", lambda i: [args[0], str(other) if i else args[1], *args[2:]])
+    for code, _, stderr in results:
+        assert code == 1 and "see different photos, labels or options than process 0" in stderr, stderr[-2000:]
+        assert "Traceback" not in stderr

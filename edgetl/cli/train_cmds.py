@@ -8,7 +8,15 @@ import click
 
 from ..formats import BACKENDS, PRECISIONS
 from ..train.backbones import BACKBONES
-from ..train.config import CLASS_WEIGHTS, DISTRIBUTE, FEATURE_ENGINES, FINAL_FITS, SOLVERS, TrainConfig
+from ..train.config import (
+    CLASS_WEIGHTS,
+    DISTRIBUTE,
+    FEATURE_ENGINES,
+    FINAL_FITS,
+    FINE_TUNE_KEEP,
+    SOLVERS,
+    TrainConfig,
+)
 from .common import (
     ProgressBars,
     default,
@@ -97,6 +105,10 @@ _T = TrainConfig  # defaults are read from the config dataclass: written once
               help="Peak learning rate of fine-tuning (Adam, one warm-up epoch, cosine decay).")
 @click.option("--fine-tune-views", type=click.IntRange(min=1), default=default(_T, "fine_tune_views"),
               show_default=True, help="Views per photo for fine-tuning: the photo, its mirror image, random crops.")
+@click.option("--fine-tune-keep", type=click.Choice(list(FINE_TUNE_KEEP)), default=default(_T, "fine_tune_keep"),
+              show_default=True,
+              help="better: keep the fine-tuned model only if it classifies more validation photos correctly than the "
+                   "head alone (else the run is the head alone, and says so); always: keep it.")
 @click.option("--distribute", type=click.Choice(list(DISTRIBUTE)), default=default(_T, "distribute"), show_default=True,
               help="mirrored: all local devices (TensorFlow MirroredStrategy, JAX DataParallel); multiworker: "
                    "several machines (TF_CONFIG, or jax.distributed under KERAS_BACKEND=jax).")
@@ -141,12 +153,23 @@ def train(force, as_json, **options):
                f"{result['num_skipped']} skipped")
     fc = result["feature_cache"]
     click.echo(f"features:     {fc['computed']} computed, {fc['hits']} from cache ({t['features']:.1f} s)")
-    click.echo(f"head:         {_stopping(result['head_training'])}, {t['head']:.1f} s"
-               + (f"; fine-tune {t['fine_tune']:.1f} s" if result["fine_tune"] else ""))
+    click.echo(f"head:         {_stopping(result['head_training'])}, {t['head']:.1f} s")
+    if result["fine_tune"]:
+        click.echo(f"fine-tune:    {_fine_tuned(result['fine_tune'])}, {t['fine_tune']:.1f} s")
     if result["val_accuracy"] is not None:
         click.echo(f"val accuracy: {result['val_accuracy']:.4f} (loss {result['val_loss']:.4f})")
     for s in result["skipped"]:
         click.echo(f"skipped:      {s['reason']}")
+
+
+def _fine_tuned(f: dict) -> str:
+    text = f"from {f['from_layer']}, best epoch {f['best_epoch']} of {f['epochs_run']}"
+    if "validation_accuracy" in f:
+        text += f"; validation {f['validation_accuracy']:.4f} against {f['head_validation_accuracy']:.4f} for the head"
+    if not f["kept"]:
+        return text + ": NOT kept, the run is the head alone (--fine-tune-keep always keeps it)"
+    return text + (f"; kept: fitted on {f['num_fit']} training + validation photos" if f["fit_on"] == "train+val"
+                   else "; kept")
 
 
 def _stopping(h: dict) -> str:

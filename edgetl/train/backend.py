@@ -10,9 +10,15 @@ backbone to LiteRT for faster features (which a JAX or PyTorch run skips unless 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import sys
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..errors import ConfigError
 
@@ -98,13 +104,26 @@ def placement(mode: str, backend: str | None = None) -> Placement:
 
         if mode == "multiworker":
             keras.distribution.initialize()  # jax.distributed: coordinator, process count and id from the env
+            if jax.process_count() > 1:
+                _native_stdout_to_stderr()
         devices = keras.distribution.list_devices()
-        dist = keras.distribution.DataParallel(devices=devices)
+        # edgetl's batches are already this process's share (finetune._batches): no tf.data sharding
+        dist = keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
         keras.distribution.set_distribution(dist)
         log.info("data parallel over %d devices (%d processes)", len(devices), jax.process_count())
         return Placement(mode, backend, len(devices), [str(d) for d in devices])
     raise ConfigError(f"--distribute {mode} needs the tensorflow or jax Keras backend; this run uses {backend} "
                       f"(set KERAS_BACKEND=jax or tensorflow)")
+
+
+def _native_stdout_to_stderr() -> None:
+    """Gloo (JAX's collectives between CPU processes) prints to the process's standard output;
+    native writes go to standard error from here on, Python's ``sys.stdout`` (``--json``) keeps
+    the real one."""
+    sys.stdout.flush()
+    keep = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(keep, "w", buffering=1, encoding=sys.stdout.encoding or "utf-8")
 
 
 def mixed_precision(asked: bool, gpus: list[str]) -> str:
@@ -118,3 +137,56 @@ def mixed_precision(asked: bool, gpus: list[str]) -> str:
         log.warning("mixed precision asked for but no GPU is visible; training in float32")
     keras.mixed_precision.set_global_policy("float32")
     return "float32"
+
+
+def processes() -> tuple[int, int]:
+    """(this process's index, number of processes) of a JAX run spread over several machines
+    (``--distribute multiworker``); (0, 1) otherwise. Each process feeds its own share of every
+    batch: ``keras.distribution`` under JAX takes a process's input as its part of the global batch."""
+    if wanted() != "jax":
+        return 0, 1
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+_LOCAL = weakref.WeakKeyDictionary()  # model -> its jitted forward pass on this process's device
+
+
+def predict(model, x: np.ndarray) -> np.ndarray:
+    """``model.predict_on_batch(x)`` as float32 NumPy, ``x`` being the whole batch.
+
+    Over several JAX processes Keras' own predict would take ``x`` as this process's share of a
+    global batch and could not gather the answer; the model then runs on this process's copy of its
+    weights (replicated on every device by data parallelism) on its first local device."""
+    if processes()[1] == 1:
+        return np.asarray(model.predict_on_batch(x), np.float32)
+    import jax
+
+    def local(v):
+        a = v.value
+        return a.addressable_data(0) if isinstance(a, jax.Array) and not a.is_fully_addressable else a
+
+    fn = _LOCAL.get(model)
+    if fn is None:
+        fn = _LOCAL[model] = jax.jit(lambda tv, ntv, x: model.stateless_call(tv, ntv, x, training=False)[0])
+    out = fn([local(v) for v in model.trainable_variables], [local(v) for v in model.non_trainable_variables],
+             jax.device_put(np.asarray(x), jax.local_devices()[0]))
+    return np.asarray(out, np.float32)
+
+
+def check_same_everywhere(text: Callable[[], str], what: str) -> None:
+    """Over several processes, that every process has the same ``text()`` (e.g. the list of photos
+    and labels): data parallelism with different data on each machine would train on a mixture
+    that no single folder describes, or wait forever."""
+    rank, nproc = processes()
+    if nproc == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(text().encode()).digest()[:8], np.int64)
+    seen = np.asarray(multihost_utils.process_allgather(digest)).reshape(nproc)
+    differ = [i for i in range(nproc) if seen[i] != seen[0]]
+    if differ:
+        raise ConfigError(f"--distribute multiworker: process(es) {differ} see different {what} than process 0 "
+                          f"(this is process {rank}); every machine needs the same folders and options")

@@ -12,6 +12,7 @@ CLASS_WEIGHTS = ("balanced", "none")
 SOLVERS = ("auto", "lbfgs", "adam")
 FINAL_FITS = ("all", "train")
 DISTRIBUTE = ("none", "mirrored", "multiworker")
+FINE_TUNE_KEEP = ("better", "always")
 FEATURE_ENGINES = ("auto", "litert", "keras")
 
 
@@ -47,6 +48,9 @@ class TrainConfig:
         fine_tune_epochs, fine_tune_lr, fine_tune_views: the most epochs (early stopping on the
             validation loss), the peak learning rate (Adam, warm-up then cosine) and the views of
             each photo (itself, mirrored, random crops) the trunk's activations are kept for.
+        fine_tune_keep: "better": the fine-tuned model is kept only if it classifies more of the
+            validation photos correctly than the head alone (else the run is the head alone, and
+            says so); "always": kept regardless (as without validation photos).
         distribute: "none", "mirrored" (all local devices: TensorFlow's MirroredStrategy, JAX's
             DataParallel) or "multiworker" (TF_CONFIG under TensorFlow, jax.distributed under JAX).
         mixed_precision: bfloat16 compute on GPU (ignored, with a warning, without one).
@@ -84,6 +88,7 @@ class TrainConfig:
     fine_tune_epochs: int = 15
     fine_tune_lr: float = 3e-4
     fine_tune_views: int = 4
+    fine_tune_keep: str = "better"
     distribute: str = "none"
     mixed_precision: bool = False
     strict: bool = False
@@ -140,6 +145,8 @@ class TrainConfig:
             raise ConfigError(f"distribute must be one of {DISTRIBUTE}; received {self.distribute!r}")
         if self.fine_tune_layers < 0:
             raise ConfigError(f"fine_tune_layers must be >= 0; received {self.fine_tune_layers}")
+        if self.fine_tune_keep not in FINE_TUNE_KEEP:
+            raise ConfigError(f"fine_tune_keep must be one of {FINE_TUNE_KEEP}; received {self.fine_tune_keep!r}")
         if self.fine_tune_views < 1:
             raise ConfigError(f"fine_tune_views must be at least 1; received {self.fine_tune_views}")
         if self.fine_tunes and (self.hidden or self.augment):

@@ -23,6 +23,7 @@ from ..convert.source import ExportSource
 from ..convert.tflite import to_tflite
 from ..runtime import TFLiteRunner
 from .backbones import Backbone
+from .backend import predict
 from .quick import backbone_cache_dir, record
 
 log = logging.getLogger("edgetl")
@@ -74,7 +75,7 @@ def litert_backbone(backbone: Backbone, probe: np.ndarray) -> tuple[LiteRTBackbo
             convert(backbone, path)
             info["converted"] = True
         fast = LiteRTBackbone(path, backbone.feature_dim)
-        want = np.asarray(backbone.model.predict_on_batch(probe), np.float32)
+        want = predict(backbone.model, probe)
         got = fast.predict_on_batch(probe)
         diff = float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
         info["max_relative_difference"] = diff
@@ -108,4 +109,6 @@ class FeatureEngine:
             fast, info = litert_backbone(self.backbone, np.asarray(x[:PROBE_PHOTOS], np.float32))
             self._model = fast or self.backbone.model
             self.info = {"engine": "litert" if fast is not None else "keras", **info}
+        if self._model is self.backbone.model:
+            return predict(self._model, x)
         return np.asarray(self._model.predict_on_batch(x), np.float32)

@@ -36,6 +36,7 @@ from .. import preprocess
 from ..data import Sample
 from ..errors import ConfigError, DataError
 from ..head.arrays import Layers
+from .backend import predict, processes
 from .head import set_head_layers
 
 log = logging.getLogger("edgetl")
@@ -166,7 +167,7 @@ class TrunkActivations:
                     px = np.concatenate(list(pool.map(load, idx)))
                 except DataError as exc:  # the features already read these photos: this is a change on disk
                     raise DataError(f"{exc} (the photo changed while training)") from None
-                a = np.asarray(bottom.predict_on_batch(preprocess.normalize(px, spec)))
+                a = predict(bottom, preprocess.normalize(px, spec))
                 self.acts[idx[0] : idx[-1] + 1] = a.reshape(len(idx), views, *shape).astype(np.float16)
                 if progress:
                     progress(stage, idx[-1] + 1, n)
@@ -182,8 +183,11 @@ def _batches(acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size:
     """A ``keras.utils.PyDataset``: in training, every epoch one random view of each photo in a
     new order; otherwise the first view (the photo itself) in order. Over several devices every
     batch divides among them: in training the last batch loses at most ``replicas - 1`` photos (chosen anew
-    every epoch); otherwise it is padded with rows of weight 0."""
+    every epoch); otherwise it is padded with rows of weight 0. Over several processes each
+    yields its own consecutive share of every batch (the same order everywhere: the same seed)."""
     import keras
+
+    rank, nproc = processes()
 
     class ViewBatches(keras.utils.PyDataset):
         def __init__(self):
@@ -209,6 +213,9 @@ def _batches(acts: np.ndarray, labels: np.ndarray, num_classes: int, batch_size:
                 else:
                     pad = replicas - len(idx) % replicas
                     idx, w = np.concatenate([idx, idx[-1:].repeat(pad)]), np.concatenate([w, np.zeros(pad, np.float32)])
+            if nproc > 1:  # replicas (all devices of all processes) is a multiple of nproc
+                share = len(idx) // nproc
+                idx, w = idx[rank * share : (rank + 1) * share], w[rank * share : (rank + 1) * share]
             x = acts[idx, self.view[idx]].astype(np.float32)
             y = np.eye(num_classes, dtype=np.float32)[labels[idx]]
             return (x, y, w) if weights is not None or replicas > 1 else (x, y)
@@ -258,14 +265,17 @@ def _train_top(top, head, acts, labels, num_classes: int, weights, cfg, epochs: 
 
 def fine_tune(cfg, backbone, head, train_samples: Sequence[Sample], val_samples: Sequence[Sample],
               head_train: Layers, head_all: Layers | None, progress: Progress | None = None, replicas: int = 1,
-              workdir: str | Path | None = None):
+              workdir: str | Path | None = None, head_val_accuracy: float | None = None):
     """Fine-tune ``backbone.model`` and ``head`` in place (see the module's recipe).
 
     ``head_train``: the converged head on the training photos (the start of the search on the
     validation photos); ``head_all``: on all photos (the start of the final fit), or None to keep
     the model trained on the training photos. ``replicas``: devices a batch is split over;
     ``workdir``: where the trunk's activations are kept while it runs (default: the temporary
-    folder). Returns (summary, history rows, validation probabilities or None).
+    folder). ``head_val_accuracy``: the head alone's on the validation photos; with
+    ``cfg.fine_tune_keep`` "better", a fine-tuned model that is not more accurate there is
+    undone (the backbone's weights and ``head_all`` or ``head_train`` put back; summary "kept"
+    False). Returns (summary, history rows, validation probabilities or None).
     """
     import keras
 
@@ -301,14 +311,24 @@ def fine_tune(cfg, backbone, head, train_samples: Sequence[Sample], val_samples:
         if has_val:
             inp = keras.Input(acts.shape[2:])
             probe = keras.Model(inp, head(cut.top(inp)))
-            val = _batches(acts[ntr:], labels[ntr:], num_classes, cfg.batch_size, 0, train=False, replicas=replicas)
-            val_probs = np.asarray(probe.predict(val, verbose=0), np.float32)[: len(val_samples)]
+            val_probs = np.concatenate([predict(probe, acts[i : i + cfg.batch_size, 0].astype(np.float32))
+                                        for i in range(ntr, len(labels), cfg.batch_size)])
         summary = {"recipe": "cached trunk views, warm-up + cosine, early stopping on validation loss",
                    "from_layer": cut.start, "cut_at": cut.at, "layers_trained": cut.trained,
                    "views": cfg.fine_tune_views, "learning_rate": cfg.fine_tune_lr,
                    "label_smoothing": LABEL_SMOOTHING, "epochs": cfg.fine_tune_epochs, "epochs_run": ran,
-                   "best_epoch": best, "fit_on": "train", "num_fit": ntr}
-        if head_all is not None and has_val:
+                   "best_epoch": best, "fit_on": "train", "num_fit": ntr, "kept": True}
+        if val_probs is not None and head_val_accuracy is not None:
+            acc = float((val_probs.argmax(1) == labels[ntr:]).mean())
+            summary.update(validation_accuracy=acc, head_validation_accuracy=float(head_val_accuracy))
+            if cfg.fine_tune_keep == "better" and not acc > head_val_accuracy:
+                log.warning("fine-tuning did not beat the head alone on the %d validation photos (%.4f against "
+                            "%.4f): the run keeps the head alone", len(val_samples), acc, head_val_accuracy)
+                cut.top.set_weights(start)
+                set_head_layers(head, head_all if head_all is not None else head_train)
+                summary.update(kept=False, fit_on="none", num_fit=0)
+                val_probs = None
+        if summary["kept"] and head_all is not None and has_val:
             cut.top.set_weights(start)
             set_head_layers(head, head_all)
             w_all = balanced_class_weights(labels, num_classes) if balanced else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import shutil
@@ -220,7 +221,7 @@ def _train_quick(cfg: TrainConfig, target: Path, out: Path, progress: Progress |
     t0 = time.perf_counter()
     layers, val_layers, head_training, row = _solve_head(cfg, tr, va, len(classes), progress)
     t_head = time.perf_counter() - t0
-    report, val_loss = _validate(cfg, None, layers, val_layers, va, classes, [row])
+    report, val_loss = _validate(None, layers, val_layers, va, classes)
     engine = {"engine": "litert", "file": str(rec["path"]), "converted": False, "used": True,
               "max_relative_difference": rec.get("max_relative_difference"), "tensorflow": "not imported",
               "checked_against_keras": "when the file was recorded (quick path)"}
@@ -258,11 +259,12 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.cache_dir is None:
         _seed_cache(target / "cache", out / "cache")
+    strategy = backend.placement(cfg.distribute)  # first: jax.distributed starts before anything else uses JAX
     train_folder, val_folder = _folders(cfg)
     classes = train_folder.classes
+    backend.check_same_everywhere(lambda: _data_identity(cfg, train_folder, val_folder), "photos, labels or options")
     gpus = backend.accelerators()
     policy = backend.mixed_precision(cfg.mixed_precision, gpus)
-    strategy = backend.placement(cfg.distribute)
     if strategy.backend == "jax" and strategy.replicas > 1:
         # keras.distribution splits every batch over the devices: it must divide.
         if cfg.batch_size % strategy.replicas:
@@ -296,7 +298,7 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
     t_fine = time.perf_counter() - t0 if fine else 0.0
 
     layers = head_layers(head)
-    report, val_loss = _validate(cfg, val_probs, layers, val_layers, va, classes, history_rows)
+    report, val_loss = _validate(val_probs, layers, val_layers, va, classes)
     summary = _summary(cfg, target, out, classes, tr, va, report, val_loss, backbone.identity(), spec, layers,
                        head_training, fine, cache, extractor.info,
                        {"gpus": gpus, **strategy.describe(), "precision": policy},
@@ -305,6 +307,14 @@ def _train(cfg: TrainConfig, target: Path, out: Path, progress: Progress | None)
     summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     atomic_write_json(out / "run.json", _run_json(summary, tr, va))
     return summary
+
+
+def _data_identity(cfg: TrainConfig, train_folder: ImageFolder, val_folder: ImageFolder) -> str:
+    """What must be the same on every machine of a multi-machine run: the photos (names, labels,
+    sizes) and the options (not the paths, which may differ)."""
+    options = {k: v for k, v in cfg.to_dict().items() if k not in ("data_dir", "out_dir", "val_dir", "cache_dir", "weights")}
+    photos = [(s.relpath, s.label, s.path.stat().st_size) for f in (train_folder, val_folder) for s in f.samples]
+    return json.dumps([options, train_folder.classes, photos])
 
 
 def _folders(cfg: TrainConfig) -> tuple[ImageFolder, ImageFolder]:
@@ -372,17 +382,18 @@ def _fine_tune(cfg: TrainConfig, strategy, backbone, head, tr: Features, va: Fea
 
     now = head_layers(head)
     head_train, head_all = (val_layers, now) if val_layers is not None else (now, None)
+    head_acc = (float((head_predict(va.features, head_train).argmax(1) == va.labels).mean())
+                if len(va.labels) else None)
     with strategy.scope():
         summary, rows, val_probs = fine_tune(cfg, backbone, head, tr.samples, va.samples, head_train, head_all,
-                                             progress, strategy.replicas, workdir)
+                                             progress, strategy.replicas, workdir, head_acc)
     offset = len(history_rows)
     history_rows += [{"epoch": offset + i + 1, **r} for i, r in enumerate(rows)]
     backbone.weights_sha256 = weights_digest(backbone.model)
     return summary, val_probs
 
 
-def _validate(cfg: TrainConfig, val_probs, layers, val_layers, va: Features, classes: list[str],
-              history_rows: list[dict]) -> tuple[dict, float | None]:
+def _validate(val_probs, layers, val_layers, va: Features, classes: list[str]) -> tuple[dict, float | None]:
     """Validation figures: through the head on cached features while the backbone is the frozen
     one (numerically the classifier's own output); after fine-tuning, the fine-tuned model's
     (trained on the training photos) on the photos themselves."""
@@ -391,8 +402,10 @@ def _validate(cfg: TrainConfig, val_probs, layers, val_layers, va: Features, cla
     elif val_probs is None:
         val_probs = head_predict(va.features, layers if val_layers is None else val_layers)
     report = classification_report(va.labels, val_probs.argmax(axis=1), classes)
-    losses = [r["val_loss"] for r in history_rows if "val_loss" in r]
-    val_loss = float(min(losses)) if len(va.labels) and losses else None
+    # the cross-entropy of those same probabilities (no label smoothing or class weights, which
+    # the training losses in the history may include; not the head's when it was fine-tuned after)
+    n = len(va.labels)
+    val_loss = float(-np.mean(np.log(val_probs[np.arange(n), va.labels] + 1e-12))) if n else None
     return report, val_loss
 
 
