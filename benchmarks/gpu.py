@@ -93,7 +93,8 @@ def main() -> None:
                                 "val_accuracy": summary["val_accuracy"], "test_accuracy": acc,
                                 "test_images_per_s": round(len(x) / t_pred, 1), "fine_tune": summary["fine_tune"],
                                 "devices": summary["devices"]}
-        print(f"{name:12s} wall {wall:7.1f} s  val {summary['val_accuracy']:.4f}  test {acc:.4f}", flush=True)
+        kept = "" if not summary["fine_tune"] else f"  fine-tuned model kept: {summary['fine_tune']['kept']}"
+        print(f"{name:12s} wall {wall:7.1f} s  val {summary['val_accuracy']:.4f}  test {acc:.4f}{kept}", flush=True)
 
     backbone = keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False, pooling="avg")
     xb = preprocess.normalize(px[:256], run.preprocessing)

@@ -337,11 +337,18 @@ def test_the_default_run_trains_without_tensorflow_once_its_backbone_is_recorded
     np.testing.assert_allclose(probs, head_predict(feats, run.head()), atol=1e-5)
 
 
-# As where TensorFlow is not installed at all (the GPU machine): importing it fails, and
-# importlib finds no such module.
+# As where TensorFlow is not installed at all (the GPU machine): importing it fails and importlib
+# finds no such module (and, as there, "tensorflow" never appears in sys.modules, which Keras reads).
 _NO_TF = """
-import importlib.util, sys
-sys.modules["tensorflow"] = None
+import importlib.abc, importlib.util, sys
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTensorFlow())
 _find = importlib.util.find_spec
 importlib.util.find_spec = lambda n, *a: None if n.split(".")[0] == "tensorflow" else _find(n, *a)
 from edgetl.cli.main import main
@@ -372,6 +379,13 @@ def test_jax_backend_fine_tunes_without_tensorflow_and_the_run_exports_with_it(t
     fe = summary["feature_engine"]
     assert fe["engine"] == "keras" or (fe["engine"] == "litert" and not fe["converted"])
     assert summary["fine_tune"]["fit_on"] == "train+val" and summary["fine_tune"]["layers_trained"] > 0
+    # the head on augmented photos (Keras' augmentation layers, backend-agnostic) also runs there
+    aug = subprocess.run(
+        [sys.executable, "-c", _NO_TF, "train", str(tiny_data["train"]), "--val", str(tiny_data["val"]),
+         "--out", str(tmp_path / "augmented"), "--alpha", "0.35", "--size", "96", "--weights", str(WEIGHTS_035),
+         "--augment", "--epochs", "2", "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert aug.returncode == 0, aug.stderr[-2000:]
+    assert json.loads(aug.stdout)["head_training"]["solver"] == "adam"
     env["KERAS_BACKEND"] = "tensorflow"
     export = subprocess.run(
         [sys.executable, "-m", "edgetl.cli.main", "export", str(run), "-f", "tflite:fp32", "--out", str(bundle),
