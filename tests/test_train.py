@@ -288,14 +288,17 @@ def test_mirrored_strategy_trains_on_the_local_devices(tiny_data, tmp_path):
     assert summary["num_train"] == 24 and 0.0 <= summary["val_accuracy"] <= 1.0
 
 
-def test_multiworker_without_tf_config_is_a_clear_error(tiny_data, tmp_path, monkeypatch):
+def test_multiworker_under_tensorflow_is_a_clear_error(tiny_data, tmp_path, monkeypatch):
+    """Keras 3 cannot fit under MultiWorkerMirroredStrategy (keras-team/keras#20585): refused up
+    front, pointing to JAX, instead of a traceback from inside fit."""
     from edgetl.train import TrainConfig, train
 
-    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
     cfg = TrainConfig(data_dir=str(tiny_data["train"]), out_dir=str(tmp_path / "w"), alpha=0.35, size=96,
                       weights=str(WEIGHTS_035), epochs=1, distribute="multiworker")
-    with pytest.raises(ConfigError, match="needs the TF_CONFIG environment variable"):
+    with pytest.raises(ConfigError, match="multiworker runs under JAX"):
         train(cfg)
+    assert not (tmp_path / "w").exists()
 
 
 def test_the_default_run_trains_without_tensorflow_once_its_backbone_is_recorded(tiny_run, tiny_data, tmp_path):

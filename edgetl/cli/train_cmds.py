@@ -111,7 +111,7 @@ _T = TrainConfig  # defaults are read from the config dataclass: written once
                    "head alone (else the run is the head alone, and says so); always: keep it.")
 @click.option("--distribute", type=click.Choice(list(DISTRIBUTE)), default=default(_T, "distribute"), show_default=True,
               help="mirrored: all local devices (TensorFlow MirroredStrategy, JAX DataParallel); multiworker: "
-                   "several machines (TF_CONFIG, or jax.distributed under KERAS_BACKEND=jax).")
+                   "several machines, under KERAS_BACKEND=jax (jax.distributed; README 'Extras').")
 @click.option("--mixed-precision", is_flag=True, help="bfloat16 compute on GPU.")
 @click.option("--strict", is_flag=True, help="An unreadable image is an error instead of a skipped file.")
 @click.option("--seed", type=int, default=default(_T, "seed"), show_default=True, help="Random seed.")

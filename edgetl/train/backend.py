@@ -75,11 +75,19 @@ class Placement:
         return {"distribute": self.mode, "backend": self.backend, "replicas": self.replicas, "devices": self.devices}
 
 
+# Keras 3's fit under tf.distribute.MultiWorkerMirroredStrategy fails (keras-team/keras#20585,
+# tensorflow/tensorflow#72388; here: "Attempt to convert a value (PerReplica...)" in fit, and
+# predict_on_batch returning every worker's rows).
+MULTIWORKER_TF = ("--distribute multiworker runs under JAX (KERAS_BACKEND=jax, `pip install 'edgetl[train-jax]'`): "
+                  "Keras 3 cannot train under TensorFlow's MultiWorkerMirroredStrategy (keras-team/keras#20585); "
+                  "under TensorFlow use --distribute mirrored for the devices of one machine")
+
+
 def placement(mode: str, backend: str | None = None) -> Placement:
     """``--distribute``: "none" (one device), "mirrored" (every local device: TensorFlow's
     MirroredStrategy, JAX's ``keras.distribution.DataParallel``), "multiworker" (several
-    machines: TF_CONFIG under TensorFlow; ``jax.distributed`` under JAX, from its environment
-    variables or a cluster it detects)."""
+    machines, under JAX: ``jax.distributed``, from its environment variables or a cluster it
+    detects; refused under TensorFlow, whose multi-worker strategy Keras 3 cannot train with)."""
     backend = backend or name()
     if backend == "jax":
         import keras
@@ -93,10 +101,7 @@ def placement(mode: str, backend: str | None = None) -> Placement:
         if mode == "mirrored":
             strategy = tf.distribute.MirroredStrategy()
         else:
-            if "TF_CONFIG" not in os.environ:
-                raise ConfigError("distribute='multiworker' under TensorFlow needs the TF_CONFIG environment variable "
-                                  "describing the cluster")
-            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            raise ConfigError(MULTIWORKER_TF)
         return Placement(mode, backend, int(strategy.num_replicas_in_sync), [], strategy)
     if backend == "jax":
         import jax

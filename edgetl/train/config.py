@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import ConfigError
+from . import backend
 from .backbones import BACKBONES, resolve_backbone
 
 CLASS_WEIGHTS = ("balanced", "none")
@@ -52,7 +53,7 @@ class TrainConfig:
             validation photos correctly than the head alone (else the run is the head alone, and
             says so); "always": kept regardless (as without validation photos).
         distribute: "none", "mirrored" (all local devices: TensorFlow's MirroredStrategy, JAX's
-            DataParallel) or "multiworker" (TF_CONFIG under TensorFlow, jax.distributed under JAX).
+            DataParallel) or "multiworker" (several machines, under JAX only: jax.distributed).
         mixed_precision: bfloat16 compute on GPU (ignored, with a warning, without one).
         strict: an unreadable image is an error instead of a skipped file.
         cache_dir: where features are cached; default ``<out_dir>/cache``.
@@ -143,6 +144,8 @@ class TrainConfig:
             raise ConfigError(f"class_weights must be one of {CLASS_WEIGHTS}; received {self.class_weights!r}")
         if self.distribute not in DISTRIBUTE:
             raise ConfigError(f"distribute must be one of {DISTRIBUTE}; received {self.distribute!r}")
+        if self.distribute == "multiworker" and backend.wanted() == "tensorflow":
+            raise ConfigError(backend.MULTIWORKER_TF)
         if self.fine_tune_layers < 0:
             raise ConfigError(f"fine_tune_layers must be >= 0; received {self.fine_tune_layers}")
         if self.fine_tune_keep not in FINE_TUNE_KEEP:
