@@ -277,15 +277,46 @@ def test_fine_tuning_that_loses_to_the_head_on_the_validation_photos_is_undone(t
             np.testing.assert_allclose(a[k], b[k], atol=1e-6)
 
 
-def test_mirrored_strategy_trains_on_the_local_devices(tiny_data, tmp_path):
-    """--distribute mirrored runs here on the CPU (the same code path puts replicas on every GPU)."""
-    from edgetl.train import TrainConfig, train
+# TensorFlow's MirroredStrategy over two logical CPUs, as over two GPUs (MirroredStrategy() itself
+# takes the GPUs, or the one CPU).
+_TWO_TF_CPUS = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+_Mirrored = tf.distribute.MirroredStrategy
+tf.distribute.MirroredStrategy = lambda *a, **k: _Mirrored(["/cpu:0", "/cpu:1"])
+from edgetl.cli.main import main
+main()
+"""
 
-    cfg = TrainConfig(data_dir=str(tiny_data["train"]), out_dir=str(tmp_path / "m"), val_dir=str(tiny_data["val"]),
-                      alpha=0.35, size=96, weights=str(WEIGHTS_035), epochs=2, distribute="mirrored")
-    summary = train(cfg)
-    assert summary["devices"]["distribute"] == "mirrored" and summary["devices"]["replicas"] >= 1
-    assert summary["num_train"] == 24 and 0.0 <= summary["val_accuracy"] <= 1.0
+
+@pytest.mark.slow
+def test_tensorflow_mirrored_strategy_over_two_devices_fine_tunes_like_one(tiny_data, tmp_path):
+    """--distribute mirrored under TensorFlow with two replicas: features, the trunk's views and
+    fine-tuning run (Keras' predict_on_batch stacks every replica's answer: edgetl predicts on the
+    primary weights), to the one-device head within what the replicas' own dropout draws move."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["train", str(tiny_data["train"]), "--val", str(tiny_data["val"]), "--alpha", "0.35", "--size", "96",
+            "--weights", str(WEIGHTS_035), "--fine-tune", "--fine-tune-epochs", "2", "--fine-tune-views", "2",
+            "--fine-tune-keep", "always", "--json"]
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    runs = {}
+    for name, extra in (("one", []), ("two", ["--distribute", "mirrored"])):
+        r = subprocess.run([sys.executable, "-c", _TWO_TF_CPUS, *args, "--out", str(tmp_path / name), *extra],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = json.loads(r.stdout)
+    assert runs["two"]["devices"]["replicas"] == 2 and runs["one"]["devices"]["replicas"] == 1
+    assert runs["two"]["feature_engine"]["used"]  # the LiteRT check against Keras passed (same rows)
+    assert runs["two"]["num_val"] == runs["one"]["num_val"] == 12
+    assert abs(runs["two"]["val_accuracy"] - runs["one"]["val_accuracy"]) <= 1 / 12 + 1e-9
+    with np.load(tmp_path / "one" / "head.npz") as a, np.load(tmp_path / "two" / "head.npz") as b:
+        for k in a.files:
+            np.testing.assert_allclose(b[k], a[k], atol=5e-3)
 
 
 def test_multiworker_under_tensorflow_is_a_clear_error(tiny_data, tmp_path, monkeypatch):

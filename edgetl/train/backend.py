@@ -155,6 +155,15 @@ def processes() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def _tf_replicas(model) -> int:
+    """Replicas of the TensorFlow strategy ``model`` was built under (MirroredStrategy over
+    several GPUs), else 1."""
+    if "tensorflow" not in sys.modules or wanted() != "tensorflow":
+        return 1
+    strategy = getattr(model, "distribute_strategy", None)
+    return int(strategy.num_replicas_in_sync) if strategy is not None else 1
+
+
 _LOCAL = weakref.WeakKeyDictionary()  # model -> its jitted forward pass on this process's device
 
 
@@ -164,6 +173,8 @@ def predict(model, x: np.ndarray) -> np.ndarray:
     Over several JAX processes Keras' own predict would take ``x`` as this process's share of a
     global batch and could not gather the answer; the model then runs on this process's copy of its
     weights (replicated on every device by data parallelism) on its first local device."""
+    if _tf_replicas(model) > 1:  # Keras' predict_on_batch gives every replica's answer to the whole x, stacked
+        return np.asarray(model(x, training=False), np.float32)
     if processes()[1] == 1:
         return np.asarray(model.predict_on_batch(x), np.float32)
     import jax
