@@ -6,7 +6,7 @@ refitted on all photos (``fine_tune_keep="always"``, ``final_fit="train"``), so 
 validation accuracy is that of a model that never saw those photos. The test photos are never
 read. One feature cache serves every variant; each computes its own trunk views.
 
-    python benchmarks/fine_tune_sweep.py                     # flowers/train, 9 variants (~35 min on 2 cores)
+    python benchmarks/fine_tune_sweep.py                     # flowers/train, 10 variants (~45 min on 2 cores)
     python benchmarks/fine_tune_sweep.py --only recipe,lr_1e-4
     python benchmarks/fine_tune_sweep.py --train ../shared/datasets/hymenoptera/train --name fine_tune_sweep_hymenoptera
 
@@ -32,6 +32,7 @@ VARIANTS = {
     "from_block_16": ("from block_16_expand", {**RECIPE, "fine_tune_from": "block_16_expand"}),
     "from_block_15": ("from block_15_expand", {**RECIPE, "fine_tune_from": "block_15_expand"}),
     "from_block_10": ("from block_10_expand (a stage lower)", {**RECIPE, "fine_tune_from": "block_10_expand"}),
+    "from_block_6": ("from block_6_expand (two stages lower)", {**RECIPE, "fine_tune_from": "block_6_expand"}),
     "one_view": ("1 view (no mirror, no crops)", {**RECIPE, "fine_tune_views": 1}),
     "lr_1e-4": ("peak learning rate 1e-4", {**RECIPE, "fine_tune_lr": 1e-4}),
     "lr_1e-3": ("peak learning rate 1e-3", {**RECIPE, "fine_tune_lr": 1e-3}),

@@ -485,3 +485,19 @@ def test_jax_data_parallel_on_two_devices_and_two_processes_gives_the_one_device
     for code, _, stderr in results:
         assert code == 1 and "see different photos, labels or options than process 0" in stderr, stderr[-2000:]
         assert "Traceback" not in stderr
+
+
+def test_the_backend_is_read_as_keras_reads_it(tmp_path, monkeypatch):
+    """KERAS_BACKEND, else keras.json in $KERAS_HOME, else tensorflow: what the config checks
+    (multiworker needs JAX) and the extras check see without importing Keras."""
+    from edgetl.train.backend import wanted
+
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert wanted() == "tensorflow"
+    (tmp_path / "keras.json").write_text('{"backend": "jax", "floatx": "float32"}')
+    assert wanted() == "jax"
+    (tmp_path / "keras.json").write_text("{not json")
+    assert wanted() == "tensorflow"
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    assert wanted() == "torch"

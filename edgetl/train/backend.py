@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -35,8 +36,17 @@ def name() -> str:
 
 
 def wanted() -> str:
-    """The backend ``KERAS_BACKEND`` asks for, without importing Keras."""
-    return os.environ.get("KERAS_BACKEND", "tensorflow")
+    """The backend Keras will use, without importing it: ``KERAS_BACKEND``, else the "backend" of
+    Keras' config file (``$KERAS_HOME/keras.json``, default ``~/.keras``), else tensorflow."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json"), encoding="utf-8") as f:
+            chosen = json.load(f).get("backend")
+    except (OSError, ValueError, AttributeError):
+        chosen = None
+    return chosen if isinstance(chosen, str) and chosen else "tensorflow"
 
 
 def accelerators(backend: str | None = None) -> list[str]:
@@ -170,7 +180,9 @@ _LOCAL = weakref.WeakKeyDictionary()  # model -> its jitted forward pass on this
 def predict(model, x: np.ndarray) -> np.ndarray:
     """``model.predict_on_batch(x)`` as float32 NumPy, ``x`` being the whole batch.
 
-    Over several JAX processes Keras' own predict would take ``x`` as this process's share of a
+    Under a TensorFlow strategy with several replicas Keras' predict_on_batch returns every
+    replica's answer to the whole ``x``, stacked; the model is then called directly (on its
+    primary weights). Over several JAX processes Keras' own predict would take ``x`` as this process's share of a
     global batch and could not gather the answer; the model then runs on this process's copy of its
     weights (replicated on every device by data parallelism) on its first local device."""
     if _tf_replicas(model) > 1:  # Keras' predict_on_batch gives every replica's answer to the whole x, stacked
