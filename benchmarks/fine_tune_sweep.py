@@ -6,8 +6,8 @@ refitted on all photos (``fine_tune_keep="always"``, ``final_fit="train"``), so 
 validation accuracy is that of a model that never saw those photos. The test photos are never
 read. One feature cache serves every variant; each computes its own trunk views.
 
-    python benchmarks/fine_tune_sweep.py                     # flowers/train, 10 variants (~45 min on 2 cores)
-    python benchmarks/fine_tune_sweep.py --only recipe,lr_1e-4
+    python benchmarks/fine_tune_sweep.py                     # flowers/train, 14 variants (~70 min on 2 cores)
+    python benchmarks/fine_tune_sweep.py --only b13,b10 --seed 1
     python benchmarks/fine_tune_sweep.py --train ../shared/datasets/hymenoptera/train --name fine_tune_sweep_hymenoptera
 
 Prints a table and writes ``benchmarks/results/<name>.json``.
@@ -24,20 +24,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import SHARED, offline_keras_cache, table, write_json  # noqa: E402
 
-RECIPE = {"fine_tune": True}
-# name -> (what changes against the recipe, TrainConfig fields)
-VARIANTS = {
-    "head_alone": ("no fine-tuning (the head-only default)", {}),
-    "recipe": ("the recipe: from block_13_expand, 3e-4, 4 views, dropout 0.5", RECIPE),
-    "from_block_16": ("from block_16_expand", {**RECIPE, "fine_tune_from": "block_16_expand"}),
-    "from_block_15": ("from block_15_expand", {**RECIPE, "fine_tune_from": "block_15_expand"}),
-    "from_block_10": ("from block_10_expand (a stage lower)", {**RECIPE, "fine_tune_from": "block_10_expand"}),
-    "from_block_6": ("from block_6_expand (two stages lower)", {**RECIPE, "fine_tune_from": "block_6_expand"}),
-    "one_view": ("1 view (no mirror, no crops)", {**RECIPE, "fine_tune_views": 1}),
-    "lr_1e-4": ("peak learning rate 1e-4", {**RECIPE, "fine_tune_lr": 1e-4}),
-    "lr_1e-3": ("peak learning rate 1e-3", {**RECIPE, "fine_tune_lr": 1e-3}),
-    "dropout_0.2": ("head dropout 0.2", {**RECIPE, "dropout": 0.2}),
-}
+# name -> (what changes, TrainConfig fields); every variant names its layer and learning rate, so
+# that a name keeps its meaning when the defaults move.
+VARIANTS = {"head_alone": ("no fine-tuning (the head-only default)", {})}
+for _layer, _what in (("16", ""), ("15", ""), ("13", " (the default until 2026-12-05)"), ("10", " (the default)"),
+                      ("6", "")):
+    VARIANTS[f"b{_layer}"] = (f"from block_{_layer}_expand, 3e-4, 4 views{_what}",
+                              {"fine_tune": True, "fine_tune_from": f"block_{_layer}_expand", "fine_tune_lr": 3e-4})
+for _layer in ("13", "10"):
+    _base = {"fine_tune": True, "fine_tune_from": f"block_{_layer}_expand", "fine_tune_lr": 3e-4}
+    VARIANTS[f"b{_layer}_lr_1e-4"] = (f"from block_{_layer}_expand, 1e-4", {**_base, "fine_tune_lr": 1e-4})
+    VARIANTS[f"b{_layer}_lr_1e-3"] = (f"from block_{_layer}_expand, 1e-3", {**_base, "fine_tune_lr": 1e-3})
+    VARIANTS[f"b{_layer}_one_view"] = (f"from block_{_layer}_expand, 3e-4, 1 view (no mirror, no crops)",
+                                       {**_base, "fine_tune_views": 1})
+    VARIANTS[f"b{_layer}_dropout_0.2"] = (f"from block_{_layer}_expand, 3e-4, head dropout 0.2",
+                                          {**_base, "dropout": 0.2})
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
         s = train(cfg)
         wall = time.perf_counter() - t0
         ft = s["fine_tune"] or {}
-        r = {"variant": name, "what": what, "fields": fields, "val_accuracy": s["val_accuracy"],
+        r = {"variant": name, "seed": a.seed, "what": what, "fields": fields, "val_accuracy": s["val_accuracy"],
              "val_loss": s["val_loss"], "num_train": s["num_train"], "num_val": s["num_val"],
              "best_epoch": ft.get("best_epoch"), "epochs_run": ft.get("epochs_run"),
              "layers_trained": ft.get("layers_trained"), "fine_tune_s": s["timings_s"]["fine_tune"],
@@ -74,8 +75,8 @@ def main() -> None:
                      r["best_epoch"] if ft else "", f"{r['fine_tune_s']:.0f}"])
         print(f"{name}: validation {r['val_accuracy']:.4f} (loss {r['val_loss']:.4f}), {wall:.0f} s", flush=True)
     print(table(["variant", "what", "val acc", "val loss", "best epoch", "fine-tune s"], rows))
-    path = write_json(a.name, {"date": time.strftime("%Y-%m-%d"), "train": str(a.train), "seed": a.seed,
-                               "num_val": results[0]["num_val"], "variants": results})
+    path = write_json(a.name, {"date": time.strftime("%Y-%m-%d"), "train": str(a.train),
+                               "num_val": results[0]["num_val"], "runs": results})
     print(f"wrote {path}")
 
 

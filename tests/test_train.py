@@ -229,12 +229,12 @@ def test_fine_tune_keeps_batchnorm_frozen_and_changes_top_convs(tiny_data, tmp_p
                       fine_tune_epochs=2, fine_tune_views=2, batch_size=8, fine_tune_keep="always")
     summary = train(cfg)
     ft = summary["fine_tune"]
-    assert ft["from_layer"] == ft["cut_at"] == "block_13_expand" and ft["layers_trained"] > 0 and ft["kept"]
+    assert ft["from_layer"] == ft["cut_at"] == "block_10_expand" and ft["layers_trained"] > 0 and ft["kept"]
     # searched on the training photos with the validation ones, then fitted again on all of them
     assert ft["fit_on"] == "train+val" and ft["num_fit"] == summary["num_train"] + summary["num_val"]
     assert 1 <= ft["best_epoch"] == ft["epochs_all"] <= 2
     names = [layer.name for layer in Run(tmp_path / "ft").backbone_model.layers]
-    below = names.index("block_13_expand")
+    below = names.index("block_10_expand")
     tuned = Run(tmp_path / "ft").backbone_model
     fresh = keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, include_top=False,
                                            weights=str(WEIGHTS_035), pooling="avg")

@@ -43,7 +43,7 @@ class TrainConfig:
         augment: train on augmented images through the frozen backbone instead of cached
             features (slower: the backbone runs on every image in every epoch).
         fine_tune: fine-tune the top of the backbone with the measured recipe
-            (:mod:`edgetl.train.finetune`: from block_13_expand for MobileNetV2).
+            (:mod:`edgetl.train.finetune`: from block_10_expand for MobileNetV2).
         fine_tune_layers / fine_tune_from: instead of the recipe's layer, train the top N layers, or
             all layers from a named one; BatchNorm layers always stay frozen, in inference mode.
         fine_tune_epochs, fine_tune_lr, fine_tune_views: the most epochs (early stopping on the

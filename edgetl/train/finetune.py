@@ -9,12 +9,14 @@ unchanged. BatchNorm layers stay frozen, in inference mode.
 
 The recipe (chosen on the validation split of flowers/train only; README "Fine-tuning"):
 1. start from the converged linear head (L-BFGS, as the head-only default);
-2. train the top from ``block_13_expand`` (MobileNetV2's last stage, Conv_1 and the head) with
+2. train the top from ``block_10_expand`` (MobileNetV2's last three stages, Conv_1 and the head) with
    Adam, one warm-up epoch then cosine decay, label smoothing 0.1, balanced class weights;
 3. early stopping on the validation loss keeps the best epoch;
 4. like the head-only default, the final model is trained again on all photos (training and
    validation) from the pretrained backbone and the head solved on all of them, for that many
-   epochs; the validation figures are those of the model trained on the training split.
+   epochs; the validation figures are those of the model trained on the training split;
+5. unless the fine-tuned model classified no more validation photos correctly than the head
+   alone (``fine_tune_keep`` "better"): the run is then the head alone.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ Progress = Callable[..., None]
 
 # Where --fine-tune starts training, per backbone (by measurement; README "Fine-tuning"); a
 # backbone not listed trains its top FALLBACK_LAYERS layers.
-DEFAULT_FROM = {"mobilenet_v2": "block_13_expand"}
+DEFAULT_FROM = {"mobilenet_v2": "block_10_expand"}
 FALLBACK_LAYERS = 30
 LABEL_SMOOTHING = 0.1
 WARMUP_EPOCHS = 1
