@@ -280,7 +280,6 @@ def test_fine_tuning_that_loses_to_the_head_on_the_validation_photos_is_undone(t
 # TensorFlow's MirroredStrategy over two logical CPUs, as over two GPUs (MirroredStrategy() itself
 # takes the GPUs, or the one CPU).
 _TWO_TF_CPUS = """
-import sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)

@@ -88,9 +88,10 @@ class Placement:
 # Keras 3's fit under tf.distribute.MultiWorkerMirroredStrategy fails (keras-team/keras#20585,
 # tensorflow/tensorflow#72388; here: "Attempt to convert a value (PerReplica...)" in fit, and
 # predict_on_batch returning every worker's rows).
-MULTIWORKER_TF = ("--distribute multiworker runs under JAX (KERAS_BACKEND=jax, `pip install 'edgetl[train-jax]'`): "
-                  "Keras 3 cannot train under TensorFlow's MultiWorkerMirroredStrategy (keras-team/keras#20585); "
-                  "under TensorFlow use --distribute mirrored for the devices of one machine")
+MULTIWORKER_TF = ("--distribute multiworker runs under JAX (expected KERAS_BACKEND=jax, `pip install "
+                  "'edgetl[train-jax]'`; received the tensorflow backend): Keras 3 cannot train under TensorFlow's "
+                  "MultiWorkerMirroredStrategy (keras-team/keras#20585); under TensorFlow use --distribute mirrored "
+                  "for the devices of one machine")
 
 
 def placement(mode: str, backend: str | None = None) -> Placement:
@@ -158,7 +159,7 @@ def processes() -> tuple[int, int]:
     """(this process's index, number of processes) of a JAX run spread over several machines
     (``--distribute multiworker``); (0, 1) otherwise. Each process feeds its own share of every
     batch: ``keras.distribution`` under JAX takes a process's input as its part of the global batch."""
-    if wanted() != "jax":
+    if name() != "jax":
         return 0, 1
     import jax
 
@@ -168,7 +169,7 @@ def processes() -> tuple[int, int]:
 def _tf_replicas(model) -> int:
     """Replicas of the TensorFlow strategy ``model`` was built under (MirroredStrategy over
     several GPUs), else 1."""
-    if "tensorflow" not in sys.modules or wanted() != "tensorflow":
+    if "tensorflow" not in sys.modules or name() != "tensorflow":
         return 1
     strategy = getattr(model, "distribute_strategy", None)
     return int(strategy.num_replicas_in_sync) if strategy is not None else 1
@@ -182,9 +183,10 @@ def predict(model, x: np.ndarray) -> np.ndarray:
 
     Under a TensorFlow strategy with several replicas Keras' predict_on_batch returns every
     replica's answer to the whole ``x``, stacked; the model is then called directly (on its
-    primary weights). Over several JAX processes Keras' own predict would take ``x`` as this process's share of a
-    global batch and could not gather the answer; the model then runs on this process's copy of its
-    weights (replicated on every device by data parallelism) on its first local device."""
+    primary weights). Over several JAX processes Keras' own predict would take ``x`` as this
+    process's share of a global batch and could not gather the answer; the model then runs on
+    this process's copy of its weights (replicated on every device by data parallelism) on its
+    first local device."""
     if _tf_replicas(model) > 1:  # Keras' predict_on_batch gives every replica's answer to the whole x, stacked
         return np.asarray(model(x, training=False), np.float32)
     if processes()[1] == 1:
